@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from worker.errors import ConfigError, InvalidJobError
+from worker.protocol import PROTOCOL_VERSION, JobRequest, JobResult, Keys
+from worker.settings import Settings
+
+
+def _wire(fields: dict[str, bytes | str | int]) -> dict[bytes, bytes]:
+    """What redis-py hands back for an entry written with these fields."""
+    return {k.encode(): v if isinstance(v, bytes) else str(v).encode() for k, v in fields.items()}
+
+
+def test_job_round_trip_keeps_binary_image_bytes() -> None:
+    image = bytes(range(256)) * 3 + b"\x00\r\n"
+    job = JobRequest("job-1", image, priority=0, deadline_ms=123, enqueued_ms=100, want_tensors=True, source="a.jpg")
+    assert JobRequest.decode(_wire(job.encode())) == job
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"v": 2, "id": "a", "image": b"x"}, "unsupported protocol version 2"),
+        ({"v": "x", "id": "a", "image": b"x"}, "field v is not an integer"),
+        ({"v": 1, "image": b"x"}, "field id"),
+        ({"v": 1, "id": "a" * 201, "image": b"x"}, "field id"),
+        ({"v": 1, "id": "a"}, "image is missing"),
+        ({"v": 1, "id": "a", "image": b"x", "priority": 7}, "priority must be one of"),
+        ({"v": 1, "id": "a", "image": b"x", "deadline_ms": "soon"}, "field deadline_ms is not an integer"),
+    ],
+)
+def test_malformed_entries_raise_invalid_job(fields: dict[str, bytes | str | int], message: str) -> None:
+    with pytest.raises(InvalidJobError, match=message):
+        JobRequest.decode(_wire(fields))
+
+
+def test_result_round_trip_with_raw_tensors() -> None:
+    tensor = np.random.default_rng(0).random((1, 64, 96), dtype=np.float32)
+    result = JobResult("j", "ok", result={"boxes": []}, tensors={"sigmoid_0.tmp_0": tensor})
+    fields = {k.encode(): v for k, v in result.encode().items()}
+    doc = json.loads(fields[b"json"])
+    assert doc["v"] == PROTOCOL_VERSION and doc["tensors"]["sigmoid_0.tmp_0"]["shape"] == [1, 64, 96]
+    decoded = JobResult.decode(fields)
+    assert decoded.status == "ok" and decoded.result == {"boxes": []}
+    np.testing.assert_array_equal(decoded.tensors["sigmoid_0.tmp_0"], tensor)
+
+
+def test_keys_share_one_prefix() -> None:
+    keys = Keys("p")
+    assert keys.streams == ("p:jobs:0", "p:jobs:1", "p:jobs:2")
+    assert keys.priority_of(keys.stream(2)) == 2
+    assert keys.job_id_of_done(keys.done("abc").encode()) == "abc"
+    assert {keys.result("a"), keys.dead_letter, keys.lease("c"), keys.seen("a")} == {
+        "p:result:a", "p:dead", "p:lease:c", "p:seen:a",
+    }  # fmt: skip
+
+
+def test_settings_read_nested_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMGWORKER_REDIS__LEASE_S", "12.5")
+    monkeypatch.setenv("IMGWORKER_BACKEND__TENSORRT__INSTANCES", "2")
+    settings = Settings.load(redis={"url": "redis://example:1/0"})
+    assert settings.redis.lease_s == 12.5 and settings.redis.url == "redis://example:1/0"
+    assert settings.backend.tensorrt.instances == 2
+
+
+def test_settings_read_dotenv(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / ".env").write_text("IMGWORKER_REDIS__MAX_DELIVERIES=7\n")
+    monkeypatch.chdir(tmp_path)
+    assert Settings.load().redis.max_deliveries == 7
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "field"),
+    [
+        ("IMGWORKER_REDIS__LEASE_S", "-1", "redis.lease_s"),
+        ("IMGWORKER_METRICS__PORT", "http", "metrics.port"),
+        ("IMGWORKER_BACKEND__TENSORRT__OPTIMIZATION_LEVEL", "9", "backend.tensorrt.optimization_level"),
+        ("IMGWORKER_REDIS__BLOCK_MS", "60000", "block_ms must be shorter"),
+    ],
+)
+def test_invalid_settings_name_the_field(monkeypatch: pytest.MonkeyPatch, variable: str, value: str, field: str) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        Settings.load()

@@ -1,0 +1,160 @@
+"""``fetch-assets``: the real model and photos, downloaded by package name, checked by sha256, cached.
+
+Nothing fetched here is committed; everything lands under ``Settings.assets_dir``:
+``models/`` (the ONNX file), ``photos/`` (real photos, many sizes), ``edge/`` (decoder edge cases).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+#: photos are taken in the formats producers send most; TIFFs in skimage include 64-bit samples
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
+
+
+@dataclass(frozen=True)
+class Package:
+    """One pinned download: how to get it, the sha256 of the file, what to take out of it."""
+
+    kind: str  # "wheel" | "sdist" | "deb"
+    spec: str  # name==version (pip) or name=version (apt)
+    filename: str
+    sha256: str
+
+
+RAPIDOCR = Package(
+    "wheel",
+    "rapidocr-onnxruntime==1.4.4",
+    "rapidocr_onnxruntime-1.4.4-py3-none-any.whl",
+    "971d7d5f223a7a808662229df1ef69893809d8457d834e6373d3854bc1782cbf",
+)
+SCIKIT_IMAGE = Package(
+    "wheel",
+    "scikit-image==0.26.0",
+    "scikit_image-0.26.0-cp311-cp311-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl",
+    "74aa5518ccea28121f57a95374581d3b979839adc25bb03f289b1bc9b99c58af",
+)
+OPENCV_DOC = Package(
+    "deb",
+    "opencv-doc=4.6.0+dfsg-12",
+    "opencv-doc_4.6.0+dfsg-12_all.deb",
+    "4b12681df35878207ac7097dc66184b2ae552e4bf4ddd2af04a0f03ed0b8682a",
+)
+PILLOW_SDIST = Package(
+    "sdist",
+    "pillow==13.0.0",
+    "pillow-13.0.0.tar.gz",
+    "cdcd1ba258178f7356d74170c9a81ba4eab6a5d55748bc402a5a2a6fe6be3510",
+)
+
+MODEL_MEMBER = "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx"
+OPENCV_PHOTO_DIRS = ("data", "text", "hfs/data", "fuzzy", "ximgproc", "reg")
+EDGE_CASES = (
+    "hopper.jpg", "hopper.png", "hopper_gray.jpg", "pil_sample_cmyk.jpg", "junk_jpeg_header.jpg",
+    "truncated_jpeg.jpg", "truncated_image.png", "tiff_16bit_RGB_target.png", "tiff_16bit_RGBa_target.png",
+    "pil123rgba.png", "uncompressed_la.png", "p_trns_single.png", "1_trns.png", "tRNS_null_1x1.png",
+    *(f"hopper_orientation_{n}.jpg" for n in range(2, 9)),
+)  # fmt: skip
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _run(cmd: list[str], cwd: Path) -> None:
+    logger.info("running %s", " ".join(cmd))
+    subprocess.run(cmd, cwd=cwd, check=True, stdout=subprocess.DEVNULL)
+
+
+def _download(package: Package, into: Path) -> Path:
+    target = into / package.filename
+    if target.is_file() and sha256_of(target) == package.sha256:
+        return target
+    into.mkdir(parents=True, exist_ok=True)
+    pip = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(into)]
+    if package.kind == "wheel":
+        # the same file whatever Python runs this: pin the tags of the wheel recorded above
+        _run([*pip, "--only-binary=:all:", "--python-version", "3.11", "--implementation", "cp",
+              "--platform", "manylinux_2_28_x86_64", package.spec], into)  # fmt: skip
+    elif package.kind == "sdist":
+        _run([*pip, "--no-binary=:all:", package.spec], into)
+    else:
+        try:
+            _run(["apt-get", "download", package.spec], into)
+        except subprocess.CalledProcessError:
+            if os.geteuid() != 0:
+                raise
+            _run(["apt-get", "update", "-qq"], into)
+            _run(["apt-get", "download", package.spec], into)
+    actual = sha256_of(target)
+    if actual != package.sha256:
+        target.unlink()
+        raise RuntimeError(f"{package.filename}: sha256 {actual} is not the pinned {package.sha256}")
+    return target
+
+
+def _copy_images(source: Path, into: Path, prefix: str) -> int:
+    into.mkdir(parents=True, exist_ok=True)
+    count = 0
+    for path in sorted(source.iterdir()):
+        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+            shutil.copyfile(path, into / f"{prefix}{path.name}")
+            count += 1
+    return count
+
+
+def fetch_assets(assets_dir: Path, edge_cases: bool = True) -> dict[str, int]:
+    """Download (cached), verify and unpack everything; returns how many files each part holds."""
+    downloads = assets_dir / "downloads"
+    models, photos, edge = assets_dir / "models", assets_dir / "photos", assets_dir / "edge"
+
+    model_file = models / Path(MODEL_MEMBER).name
+    if not model_file.is_file():
+        models.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(_download(RAPIDOCR, downloads)) as wheel:
+            model_file.write_bytes(wheel.read(MODEL_MEMBER))
+
+    if not (photos / ".complete").is_file():
+        with tempfile.TemporaryDirectory() as tmp:
+            deb = _download(OPENCV_DOC, downloads)
+            _run(["dpkg-deb", "-x", str(deb), tmp], Path(tmp))
+            examples = Path(tmp) / "usr/share/doc/opencv-doc/examples"
+            for sub in OPENCV_PHOTO_DIRS:
+                _copy_images(examples / sub, photos, f"opencv-{sub.replace('/', '-')}-")
+            with zipfile.ZipFile(_download(SCIKIT_IMAGE, downloads)) as wheel:
+                for entry in wheel.namelist():
+                    if entry.startswith("skimage/data/") and Path(entry).suffix.lower() in IMAGE_SUFFIXES:
+                        (photos / f"skimage-{Path(entry).name}").write_bytes(wheel.read(entry))
+        (photos / ".complete").touch()
+
+    if edge_cases and not (edge / ".complete").is_file():
+        edge.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(_download(PILLOW_SDIST, downloads)) as sdist:
+            for image_name in EDGE_CASES:
+                member = sdist.extractfile(f"pillow-13.0.0/Tests/images/{image_name}")
+                if member is None:  # a directory or link where an image should be
+                    raise RuntimeError(f"{image_name} is missing from {PILLOW_SDIST.filename}")
+                (edge / image_name).write_bytes(member.read())
+        (edge / ".complete").touch()
+
+    return {
+        "models": len(list(models.glob("*.onnx"))),
+        "photos": len([p for p in photos.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]),
+        "edge": len(list(edge.glob("*.*"))) if edge.is_dir() else 0,
+    }
