@@ -79,6 +79,12 @@ class GroupStats:
     pending: int
 
 
+def _group_lost(exc: ResponseError) -> bool:
+    """True when Redis lost the stream or group, e.g. after a restart without persistence."""
+    message = str(exc)
+    return "NOGROUP" in message or "no such key" in message
+
+
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -146,7 +152,7 @@ class Broker:
                 block=self.settings.block_ms,
             )
         except ResponseError as exc:
-            if "NOGROUP" in str(exc):  # Redis lost its data (restart without persistence)
+            if _group_lost(exc):
                 await self.ensure_groups()
                 return []
             raise BrokerError(f"redis read failed: {exc}") from exc
@@ -174,7 +180,7 @@ class Broker:
             try:
                 consumers = await self.redis.xinfo_consumers(stream, self.settings.group)
             except ResponseError as exc:
-                if "NOGROUP" in str(exc):
+                if _group_lost(exc):
                     await self.ensure_groups()
                     continue
                 raise BrokerError(f"redis xinfo failed: {exc}") from exc
