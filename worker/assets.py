@@ -62,11 +62,22 @@ PILLOW_SDIST = Package(
 MODEL_MEMBER = "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx"
 OPENCV_PHOTO_DIRS = ("data", "text", "hfs/data", "fuzzy", "ximgproc", "reg")
 EDGE_CASES = (
-    "hopper.jpg", "hopper.png", "hopper_gray.jpg", "pil_sample_cmyk.jpg", "junk_jpeg_header.jpg",
-    "truncated_jpeg.jpg", "truncated_image.png", "tiff_16bit_RGB_target.png", "tiff_16bit_RGBa_target.png",
-    "pil123rgba.png", "uncompressed_la.png", "p_trns_single.png", "1_trns.png", "tRNS_null_1x1.png",
+    "hopper.jpg",
+    "hopper.png",
+    "hopper_gray.jpg",
+    "pil_sample_cmyk.jpg",
+    "junk_jpeg_header.jpg",
+    "truncated_jpeg.jpg",
+    "truncated_image.png",
+    "tiff_16bit_RGB_target.png",
+    "tiff_16bit_RGBa_target.png",
+    "pil123rgba.png",
+    "uncompressed_la.png",
+    "p_trns_single.png",
+    "1_trns.png",
+    "tRNS_null_1x1.png",
     *(f"hopper_orientation_{n}.jpg" for n in range(2, 9)),
-)  # fmt: skip
+)
 
 
 def sha256_of(path: Path) -> str:
@@ -90,8 +101,20 @@ def _download(package: Package, into: Path) -> Path:
     pip = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(into)]
     if package.kind == "wheel":
         # the same file whatever Python runs this: pin the tags of the wheel recorded above
-        _run([*pip, "--only-binary=:all:", "--python-version", "3.11", "--implementation", "cp",
-              "--platform", "manylinux_2_28_x86_64", package.spec], into)  # fmt: skip
+        _run(
+            [
+                *pip,
+                "--only-binary=:all:",
+                "--python-version",
+                "3.11",
+                "--implementation",
+                "cp",
+                "--platform",
+                "manylinux_2_28_x86_64",
+                package.spec,
+            ],
+            into,
+        )
     elif package.kind == "sdist":
         _run([*pip, "--no-binary=:all:", package.spec], into)
     else:

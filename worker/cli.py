@@ -157,11 +157,23 @@ async def _enqueue(args: argparse.Namespace, settings: Settings) -> int:
     for path, job_id in ids.items():
         found = results.get(job_id)
         if found is not None:
-            lines[path] = {"path": str(path), "job_id": job_id, "status": found.status, "code": found.code or None,
-                           "message": found.message or None, "result": found.result or None}  # fmt: skip
+            lines[path] = {
+                "path": str(path),
+                "job_id": job_id,
+                "status": found.status,
+                "code": found.code or None,
+                "message": found.message or None,
+                "result": found.result or None,
+            }
         elif args.wait:
-            lines[path] = {"path": str(path), "job_id": job_id, "status": "error", "code": "timeout",
-                           "message": f"no result within {args.timeout} s", "result": None}  # fmt: skip
+            lines[path] = {
+                "path": str(path),
+                "job_id": job_id,
+                "status": "error",
+                "code": "timeout",
+                "message": f"no result within {args.timeout} s",
+                "result": None,
+            }
         else:
             lines[path] = {
                 "path": str(path),

@@ -47,6 +47,8 @@ class TensorRTSettings(_Section):
     plan_dir: Path = Path.home() / ".cache" / "imgworker" / "plans"
     optimization_level: Annotated[int, Field(ge=0, le=5)] = 3
     fp16: bool = False
+    #: TF32 tensor-core math for float32 layers (TensorRT's default); off gives plain fp32 results
+    tf32: bool = True
     workspace_mib: Annotated[int, Field(ge=16)] = 4096
     #: names of trt.TacticSource members; None keeps TensorRT's default set
     tactic_sources: tuple[str, ...] | None = None

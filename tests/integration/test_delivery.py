@@ -20,7 +20,11 @@ from worker.protocol import Keys
 
 pytestmark = pytest.mark.slow
 KEYS = Keys()
-FAST_LEASE = {"IMGWORKER_REDIS__LEASE_S": "2", "IMGWORKER_REDIS__BLOCK_MS": "200", "IMGWORKER_REDIS__RETRY_BACKOFF_S": "0.3"}
+FAST_LEASE = {
+    "IMGWORKER_REDIS__LEASE_S": "2",
+    "IMGWORKER_REDIS__BLOCK_MS": "200",
+    "IMGWORKER_REDIS__RETRY_BACKOFF_S": "0.3",
+}
 
 
 def _results(client: redis.Redis, job_ids: list[str]) -> dict[str, dict]:  # type: ignore[type-arg]
@@ -76,9 +80,11 @@ def test_a_job_that_always_fails_is_dead_lettered_after_max_deliveries(
         good = client.submit_many(photos[:6])
         bad = client.submit(poison, job_id="poison-1")
     env = worker_env(
-        redis_url, IMGWORKER_BACKEND__KIND="tests.support.faulty:PoisonShapeBackend", IMGWORKER_REDIS__MAX_DELIVERIES="3",
+        redis_url,
+        IMGWORKER_BACKEND__KIND="tests.support.faulty:PoisonShapeBackend",
+        IMGWORKER_REDIS__MAX_DELIVERIES="3",
         **FAST_LEASE,
-    )  # fmt: skip
+    )
     worker = WorkerProcess(env, "--burst")
     assert worker.wait(300) == 0, worker.log
     results = _results(redis_client, [*good, bad])

@@ -54,9 +54,25 @@ def test_every_input_gets_exactly_one_result(
     try:
         worker.wait_ready()
         enqueue = subprocess.run(
-            [sys.executable, "-m", "worker", "enqueue", "--redis-url", redis_url, "--wait", "--json",
-             "--timeout", "600", str(photos[0].parent), str(tmp_path / "bad" / "*")],  # fmt: skip
-            cwd=REPO, capture_output=True, text=True, timeout=900, check=False,
+            [
+                sys.executable,
+                "-m",
+                "worker",
+                "enqueue",
+                "--redis-url",
+                redis_url,
+                "--wait",
+                "--json",
+                "--timeout",
+                "600",
+                str(photos[0].parent),
+                str(tmp_path / "bad" / "*"),
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            check=False,
         )
         assert enqueue.returncode == 0, enqueue.stderr
         lines = [json.loads(line) for line in enqueue.stdout.splitlines()]

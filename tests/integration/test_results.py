@@ -23,7 +23,13 @@ BOX_IOU = 0.9
 
 # Hand-drawn regions (x0, y0, x1, y1) of the five text lines on the sign in opencv-doc's
 # examples/text/scenetext01.jpg (800x600): NOTICE, DOUBLE, PARKING, PROHIBITED, AT ALL TIMES.
-SCENETEXT01_LINES = [(280, 35, 432, 78), (276, 85, 425, 122), (276, 128, 425, 165), (273, 170, 424, 207), (284, 212, 408, 252)]
+SCENETEXT01_LINES = [
+    (280, 35, 432, 78),
+    (276, 85, 425, 122),
+    (276, 128, 425, 165),
+    (273, 170, 424, 207),
+    (284, 212, 408, 252),
+]
 
 
 @pytest.fixture
@@ -81,7 +87,9 @@ def test_output_tensor_equals_direct_onnxruntime(
             np.testing.assert_allclose(tensor, direct[0], atol=TENSOR_ATOL, err_msg=photo.name)
 
 
-def test_boxes_do_not_depend_on_batch_companions(worker: WorkerProcess, redis_url: str, photos: list[Path], spec: ModelSpec) -> None:
+def test_boxes_do_not_depend_on_batch_companions(
+    worker: WorkerProcess, redis_url: str, photos: list[Path], spec: ModelSpec
+) -> None:
     in_bucket = [p for p in photos if prepare(p.read_bytes(), spec, 40_000_000).bucket.id == "m640"][:8]
     with Client(redis_url) as client:
         alone = {p: client.wait(client.submit(p), timeout_s=120) for p in in_bucket}

@@ -53,9 +53,16 @@ def test_downscale_to_fit_keeps_aspect_and_multiple() -> None:
 
 def _spec(**resize: object) -> ModelSpec:
     return ModelSpec.model_validate(
-        {"name": "t", "onnx": "m.onnx", "sha256": "0" * 64, "input": "x", "output": "y",
-         "preprocess": {"resize": {"max_side": 2048, **resize}}, "buckets": [b.model_dump() for b in BUCKETS]}
-    )  # fmt: skip
+        {
+            "name": "t",
+            "onnx": "m.onnx",
+            "sha256": "0" * 64,
+            "input": "x",
+            "output": "y",
+            "preprocess": {"resize": {"max_side": 2048, **resize}},
+            "buckets": [b.model_dump() for b in BUCKETS],
+        }
+    )
 
 
 def test_oversize_inputs_are_downscaled_or_rejected_per_config() -> None:

@@ -75,7 +75,13 @@ def test_layouts_become_three_channel_uint8_bgr() -> None:
 
 
 def test_palette_and_transparency_pngs_from_pillow_decode(edge_dir: Path) -> None:
-    for name in ["p_trns_single.png", "1_trns.png", "uncompressed_la.png", "pil123rgba.png", "tiff_16bit_RGB_target.png"]:
+    for name in [
+        "p_trns_single.png",
+        "1_trns.png",
+        "uncompressed_la.png",
+        "pil123rgba.png",
+        "tiff_16bit_RGB_target.png",
+    ]:
         decoded = decode_image((edge_dir / name).read_bytes(), LIMIT)
         assert decoded.ndim == 3 and decoded.shape[2] == 3 and decoded.dtype == np.uint8, name
 

@@ -55,8 +55,11 @@ def test_keys_share_one_prefix() -> None:
     assert keys.priority_of(keys.stream(2)) == 2
     assert keys.job_id_of_done(keys.done("abc").encode()) == "abc"
     assert {keys.result("a"), keys.dead_letter, keys.lease("c"), keys.seen("a")} == {
-        "p:result:a", "p:dead", "p:lease:c", "p:seen:a",
-    }  # fmt: skip
+        "p:result:a",
+        "p:dead",
+        "p:lease:c",
+        "p:seen:a",
+    }
 
 
 def test_settings_read_nested_env(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -82,7 +85,9 @@ def test_settings_read_dotenv(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None
         ("IMGWORKER_REDIS__BLOCK_MS", "60000", "block_ms must be shorter"),
     ],
 )
-def test_invalid_settings_name_the_field(monkeypatch: pytest.MonkeyPatch, variable: str, value: str, field: str) -> None:
+def test_invalid_settings_name_the_field(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, field: str
+) -> None:
     monkeypatch.setenv(variable, value)
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         Settings.load()

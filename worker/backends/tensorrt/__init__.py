@@ -1,0 +1,1 @@
+"""TensorRT backend: the only package that imports tensorrt or cuda; loaded only when chosen."""

@@ -1,0 +1,143 @@
+"""The few CUDA driver calls the backend needs (cuda-python), every status checked.
+
+The driver API on the device's primary context is the context TensorRT itself uses; the current
+context is per thread, so each executor thread binds it before its first call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+try:  # cuda-python >= 12.6 / cuda-bindings
+    from cuda.bindings import driver as cu
+except ImportError:  # older cuda-python 12.x
+    from cuda import cuda as cu
+
+from worker.errors import BackendError, EngineLoadError
+
+#: errors after which the context (and so this process's GPU state) cannot be trusted
+_STICKY = {
+    "CUDA_ERROR_ILLEGAL_ADDRESS",
+    "CUDA_ERROR_LAUNCH_FAILED",
+    "CUDA_ERROR_ECC_UNCORRECTABLE",
+    "CUDA_ERROR_HARDWARE_STACK_ERROR",
+    "CUDA_ERROR_ILLEGAL_INSTRUCTION",
+    "CUDA_ERROR_MISALIGNED_ADDRESS",
+    "CUDA_ERROR_INVALID_PC",
+    "CUDA_ERROR_UNKNOWN",
+}
+
+
+class CudaError(BackendError):
+    def __init__(self, name: str, call: str) -> None:
+        super().__init__(f"CUDA {call} failed: {name}")
+        self.name = name
+        self.sticky = name in _STICKY
+
+
+def ck(result: Any, call: str = "call") -> Any:
+    err, *rest = result if isinstance(result, tuple) else (result,)
+    if err != cu.CUresult.CUDA_SUCCESS:
+        _, name = cu.cuGetErrorName(err)
+        raise CudaError(name.decode() if name else str(err), call)
+    if not rest:
+        return None
+    return rest[0] if len(rest) == 1 else tuple(rest)
+
+
+class Device:
+    def __init__(self, ordinal: int) -> None:
+        try:
+            ck(cu.cuInit(0), "cuInit")
+            count = ck(cu.cuDeviceGetCount(), "cuDeviceGetCount")
+        except (CudaError, RuntimeError) as exc:  # RuntimeError: no driver library (libcuda) at all
+            raise EngineLoadError(f"no usable NVIDIA GPU: {exc}") from exc
+        if ordinal >= count:
+            raise EngineLoadError(f"GPU {ordinal} requested, {count} visible")
+        self.handle = ck(cu.cuDeviceGet(ordinal), "cuDeviceGet")
+        self.context = ck(cu.cuDevicePrimaryCtxRetain(self.handle), "cuDevicePrimaryCtxRetain")
+        self.bind()
+        self.name = ck(cu.cuDeviceGetName(128, self.handle), "cuDeviceGetName").split(b"\0")[0].decode()
+        attr = cu.CUdevice_attribute
+        major = ck(cu.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, self.handle))
+        minor = ck(cu.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, self.handle))
+        self.compute_capability = f"{major}.{minor}"
+
+    def bind(self) -> None:
+        ck(cu.cuCtxSetCurrent(self.context), "cuCtxSetCurrent")
+
+    def release(self) -> None:
+        ck(cu.cuDevicePrimaryCtxRelease(self.handle), "cuDevicePrimaryCtxRelease")
+
+
+class Stream:
+    def __init__(self) -> None:
+        self.handle = ck(cu.cuStreamCreate(cu.CUstream_flags.CU_STREAM_NON_BLOCKING), "cuStreamCreate")
+        self.events = [ck(cu.cuEventCreate(cu.CUevent_flags.CU_EVENT_DEFAULT), "cuEventCreate") for _ in range(2)]
+
+    @property
+    def address(self) -> int:
+        return int(self.handle)
+
+    def synchronize(self) -> None:
+        ck(cu.cuStreamSynchronize(self.handle), "cuStreamSynchronize")
+
+    def record(self, which: int) -> None:
+        ck(cu.cuEventRecord(self.events[which], self.handle), "cuEventRecord")
+
+    def elapsed_ms(self) -> float:
+        """GPU time between the two recorded events (after synchronize)."""
+        return float(ck(cu.cuEventElapsedTime(self.events[0], self.events[1]), "cuEventElapsedTime"))
+
+    def destroy(self) -> None:
+        for event in self.events:
+            ck(cu.cuEventDestroy(event), "cuEventDestroy")
+        ck(cu.cuStreamDestroy(self.handle), "cuStreamDestroy")
+
+
+class DeviceBuffer:
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = nbytes
+        self.handle = ck(cu.cuMemAlloc(max(nbytes, 1)), "cuMemAlloc")
+
+    @property
+    def address(self) -> int:
+        return int(self.handle)
+
+    def free(self) -> None:
+        ck(cu.cuMemFree(self.handle), "cuMemFree")
+
+
+class PinnedBuffer:
+    """Page-locked host memory, so copies run asynchronously at full PCIe speed."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = nbytes
+        self.address = int(ck(cu.cuMemHostAlloc(max(nbytes, 1), 0), "cuMemHostAlloc"))
+
+    def view(self, shape: tuple[int, ...], dtype: npt.DTypeLike) -> npt.NDArray[Any]:
+        count = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        if count > self.nbytes:
+            raise BackendError(f"{shape} {dtype} does not fit a pinned buffer of {self.nbytes} bytes")
+        raw = memoryview((ctypes.c_byte * count).from_address(self.address)).cast("B")
+        array: npt.NDArray[Any] = np.frombuffer(raw, dtype=dtype).reshape(shape)
+        return array
+
+    def free(self) -> None:
+        ck(cu.cuMemFreeHost(self.address), "cuMemFreeHost")
+
+
+def copy_to_device(dst: DeviceBuffer, src: PinnedBuffer, nbytes: int, stream: Stream) -> None:
+    ck(cu.cuMemcpyHtoDAsync(dst.handle, src.address, nbytes, stream.handle), "cuMemcpyHtoDAsync")
+
+
+def copy_to_host(dst: PinnedBuffer, src: DeviceBuffer, nbytes: int, stream: Stream) -> None:
+    ck(cu.cuMemcpyDtoHAsync(dst.address, src.handle, nbytes, stream.handle), "cuMemcpyDtoHAsync")
+
+
+def fill_u32(dst: DeviceBuffer, value: int, count: int, stream: Stream) -> None:
+    ck(cu.cuMemsetD32Async(dst.handle, value, count, stream.handle), "cuMemsetD32Async")
