@@ -3,10 +3,10 @@
 # Python 3.11 with TensorRT 8.6 comes from the kit; the project's own dependencies travel as cp311
 # wheels in .whl/ (carried); OpenCV is the machine's own abi3 build, linked in.
 . /root/trt86/env.sh
-site=/tmp/site311
+site=/tmp/imgworker-site311
 if [ ! -f $site/.ready ]; then
   mkdir -p $site
-  for wheel in .whl/*.whl; do unzip -qo "$wheel" -d $site; done
+  for wheel in .whl/*.whl; do python3.11 -m zipfile -e "$wheel" $site; done
   cv2_dir=$(python3 -c 'import cv2, os; print(os.path.dirname(cv2.__file__))')
   ln -sfn "$cv2_dir" $site/cv2
   for libs in "$(dirname "$cv2_dir")"/opencv_python*.libs; do [ -d "$libs" ] && ln -sfn "$libs" $site/; done

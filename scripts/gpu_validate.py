@@ -48,7 +48,9 @@ def run_gpu_tests(env: dict[str, str]) -> tuple[str, bool]:
         check=False,
     )
     print(proc.stdout[-6000:], proc.stderr[-3000:], sep="\n", flush=True)
-    summary = next((line for line in reversed(proc.stdout.splitlines()) if " in " in line and "=" in line), "?")
+    summary = next(
+        (line for line in reversed(proc.stdout.splitlines()) if re.search(r"\d+ (passed|failed)", line)), "?"
+    )
     worst = re.search(r"max \|TensorRT - ONNX Runtime\|.*", proc.stdout)
     detail = f"{summary.strip('= ')} ({time.monotonic() - started:.0f} s)" + (f"; {worst.group(0)}" if worst else "")
     return detail, proc.returncode == 0

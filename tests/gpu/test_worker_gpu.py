@@ -9,12 +9,13 @@ import pytest
 
 from tests.conftest import worker_env
 from tests.gpu.conftest import SMALL_SPEC
-from tests.integration.test_results import BOX_IOU, _box_iou
+from tests.support.boxes import CLEAR_SCORE, unmatched
 from tests.support.workers import WorkerProcess
 from worker.client import Client
 from worker.settings import Settings
 
 pytestmark = pytest.mark.gpu
+BOX_IOU = 0.9
 
 
 def _run_all(redis_url: str, env: dict[str, str], photos: list[Path], prefix: str) -> dict[str, dict]:  # type: ignore[type-arg]
@@ -46,8 +47,12 @@ def test_gpu_worker_answers_every_job_like_the_cpu_worker(
     on_gpu = _run_all(redis_url, gpu_env, sample, "gpu")
     on_cpu = _run_all(redis_url, {**common, "IMGWORKER_BACKEND__KIND": "onnxruntime"}, sample, "cpu")
     assert len(on_gpu) == len(on_cpu) == len(sample)
+    # Batches form differently on the two runs, so padding differs; every clear box must match both ways.
+    total = 0
     for name, gpu_result in on_gpu.items():
         cpu_boxes, gpu_boxes = on_cpu[name]["boxes"], gpu_result["boxes"]
-        assert len(gpu_boxes) == len(cpu_boxes), name
-        for box in cpu_boxes:
-            assert max(_box_iou(box["points"], b["points"]) for b in gpu_boxes) >= BOX_IOU, (name, box)
+        total += len(cpu_boxes)
+        assert not unmatched(cpu_boxes, gpu_boxes, BOX_IOU, CLEAR_SCORE), name
+        assert not unmatched(gpu_boxes, cpu_boxes, BOX_IOU, CLEAR_SCORE), name
+        assert abs(len(cpu_boxes) - len(gpu_boxes)) <= 1, name
+    assert total > 100  # the sample has real text to find

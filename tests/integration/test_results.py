@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import cv2
 import numpy as np
 import onnxruntime as ort
 import pytest
 
 from tests.conftest import worker_env
+from tests.support.boxes import unmatched
 from tests.support.workers import WorkerProcess
 from worker.buckets import ModelSpec
 from worker.client import Client
@@ -38,16 +38,6 @@ def worker(redis_url: str) -> Iterator[WorkerProcess]:
     process.wait_ready()
     yield process
     process.kill()
-
-
-def _box_iou(a: list[list[float]], b: list[list[float]]) -> float:
-    """IoU of two quadrilaterals, rasterised at 0.5 px."""
-    pa, pb = (np.array(p, np.float32) * 2 for p in (a, b))
-    size = np.ceil(np.maximum(pa.max(0), pb.max(0))).astype(int) + 2
-    ma, mb = (np.zeros((size[1], size[0]), np.uint8) for _ in range(2))
-    cv2.fillPoly(ma, [pa.round().astype(np.int32)], 1)
-    cv2.fillPoly(mb, [pb.round().astype(np.int32)], 1)
-    return float((ma & mb).sum() / max((ma | mb).sum(), 1))
 
 
 def _rect_iou(box: list[list[float]], rect: tuple[int, int, int, int]) -> float:
@@ -102,9 +92,7 @@ def test_boxes_do_not_depend_on_batch_companions(
     for photo in in_bucket:
         single, batched = alone[photo].result["boxes"], together[photo].result["boxes"]
         assert len(single) == len(batched), photo.name
-        for box in single:
-            best = max((_box_iou(box["points"], other["points"]) for other in batched), default=0.0)
-            assert best >= BOX_IOU, (photo.name, box)
+        assert not unmatched(single, batched, BOX_IOU, min_score=0.0), photo.name
 
 
 def test_the_sign_text_in_scenetext01_is_found(worker: WorkerProcess, redis_url: str, assets_dir: Path) -> None:

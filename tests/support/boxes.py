@@ -1,0 +1,32 @@
+"""Comparing detected text boxes between runs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import cv2
+import numpy as np
+
+#: boxes this far above the detector's box_thresh (0.5) must appear in both runs; weaker ones may
+#: flip across the threshold when padding or float rounding differs by a hair
+CLEAR_SCORE = 0.6
+
+
+def box_iou(a: list[list[float]], b: list[list[float]]) -> float:
+    """IoU of two quadrilaterals, rasterised at 0.5 px."""
+    pa, pb = (np.array(p, np.float32) * 2 for p in (a, b))
+    size = np.ceil(np.maximum(pa.max(0), pb.max(0))).astype(int) + 2
+    ma, mb = (np.zeros((size[1], size[0]), np.uint8) for _ in range(2))
+    cv2.fillPoly(ma, [pa.round().astype(np.int32)], 1)
+    cv2.fillPoly(mb, [pb.round().astype(np.int32)], 1)
+    return float((ma & mb).sum() / max((ma | mb).sum(), 1))
+
+
+def unmatched(boxes: list[dict[str, Any]], others: list[dict[str, Any]], min_iou: float, min_score: float) -> list[Any]:
+    """Boxes scoring at least ``min_score`` with no counterpart of IoU >= ``min_iou`` in ``others``."""
+    return [
+        box
+        for box in boxes
+        if box["score"] >= min_score
+        and max((box_iou(box["points"], o["points"]) for o in others), default=0.0) < min_iou
+    ]
