@@ -1,4 +1,5 @@
-"""Per-bucket dynamic batching: flush at max batch, at opt batch when a runner is free, or at max wait."""
+"""Per-bucket dynamic batching: flush at max batch, at opt batch when a runner is free, or at max wait;
+a batch holds items of one padded shape only (see ``ResizeSpec``)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Generic, TypeVar
 
 from worker.buckets import BucketSpec
@@ -21,8 +23,9 @@ class Batcher(Generic[T]):
     ``max_batch``, the most one batch may take.
     """
 
-    def __init__(self, bucket: BucketSpec) -> None:
+    def __init__(self, bucket: BucketSpec, shape_of: Callable[[T], tuple[int, int]]) -> None:
         self.bucket = bucket
+        self._shape_of = shape_of
         self._items: deque[tuple[float, T]] = deque()
         self._changed = asyncio.Event()
         self._closed = False
@@ -46,8 +49,17 @@ class Batcher(Generic[T]):
         self._changed.set()
 
     def _take(self) -> list[tuple[float, T]]:
-        count = min(len(self._items), self.bucket.max_batch)
-        return [self._items.popleft() for _ in range(count)]
+        """The oldest item and, in arrival order, later items of the same shape, up to max batch."""
+        shape = self._shape_of(self._items[0][1])
+        chosen: list[tuple[float, T]] = []
+        rest: deque[tuple[float, T]] = deque()
+        for entry in self._items:
+            if len(chosen) < self.bucket.max_batch and self._shape_of(entry[1]) == shape:
+                chosen.append(entry)
+            else:
+                rest.append(entry)
+        self._items = rest
+        return chosen
 
     async def next_batch(self) -> list[tuple[float, T]]:
         """The next batch as (enqueue time, item) pairs; empty once closed and drained."""

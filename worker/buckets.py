@@ -58,11 +58,25 @@ class BucketSpec(_Frozen):
 
 
 class ResizeSpec(_Frozen):
-    """Keep the aspect ratio, cap the longer side, round both sides to the model's multiple."""
+    """Keep the aspect ratio, cap the longer side, round both sides to the model's multiple.
+
+    Each image is then padded (bottom and right) to the next ``pad_multiple``, capped at its
+    bucket's max: a shape that depends on the image alone. Only images of equal padded shape share
+    a batch, so a result never depends on which images happened to share the batch (padding to a
+    companion's size would change what the network sees), while a coarser ``pad_multiple`` lets
+    more images batch together at the cost of padding waste.
+    """
 
     max_side: Annotated[int, Field(ge=1)] = 960
     multiple: Annotated[int, Field(ge=1)] = 32
+    pad_multiple: Annotated[int, Field(ge=1)] = 32
     oversize: Literal["downscale", "reject"] = "downscale"
+
+    @model_validator(mode="after")
+    def _pad_is_a_multiple(self) -> ResizeSpec:
+        if self.pad_multiple % self.multiple:
+            raise ValueError(f"pad_multiple {self.pad_multiple} must be a multiple of multiple {self.multiple}")
+        return self
 
 
 class PreprocessSpec(_Frozen):

@@ -114,12 +114,14 @@ def decode_image(data: bytes, max_pixels: int) -> ImageU8:
 
 @dataclass(frozen=True)
 class Prepared:
-    """One image ready for batching: its normalised CHW tensor and how to map results back."""
+    """One image ready for batching: its normalised CHW tensor, its padded shape, how to map back."""
 
     tensor: Tensor
     bucket: BucketSpec
     original_height: int
     original_width: int
+    padded_height: int
+    padded_width: int
 
     @property
     def height(self) -> int:
@@ -166,16 +168,20 @@ def prepare(data: bytes, spec: ModelSpec, max_pixels: int) -> Prepared:
     height, width = image.shape[:2]
     bucket, h, w = route(height, width, spec)
     resized: ImageU8 = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)  # type: ignore[assignment]
-    return Prepared(normalize(resized, spec), bucket, height, width)
+    grid = spec.preprocess.resize.pad_multiple
+    padded_h = min(-(-h // grid) * grid, bucket.max[1])
+    padded_w = min(-(-w // grid) * grid, bucket.max[2])
+    return Prepared(normalize(resized, spec), bucket, height, width, padded_h, padded_w)
 
 
 def pad_batch(items: list[Prepared]) -> tuple[Tensor, float]:
-    """Stack into one NCHW batch padded (with zeros, top-left aligned) to the largest H and W.
+    """Stack images of one padded shape into an NCHW batch (zeros right and below each image).
 
     Returns the batch and the padding waste: the share of batch pixels that are padding.
     """
-    height = max(p.height for p in items)
-    width = max(p.width for p in items)
+    height, width = items[0].padded_height, items[0].padded_width
+    if any((p.padded_height, p.padded_width) != (height, width) for p in items):
+        raise ValueError("a batch takes images of one padded shape only")
     channels = items[0].tensor.shape[0]
     batch = np.zeros((len(items), channels, height, width), dtype=np.float32)
     for i, p in enumerate(items):

@@ -43,6 +43,9 @@ class Job:
     prepared: Prepared
     timings_ms: dict[str, float] = field(default_factory=dict)
 
+    def padded_shape(self) -> tuple[int, int]:
+        return self.prepared.padded_height, self.prepared.padded_width
+
 
 class Service:
     """Owns the pipeline's tasks and pools; signal handling and the HTTP server belong to the CLI."""
@@ -60,7 +63,7 @@ class Service:
         self._slot_freed = asyncio.Event()
         self._inflight: dict[str, Delivery] = {}
         self._admissions: set[asyncio.Task[None]] = set()
-        self._batchers: dict[str, Batcher[Job]] = {b.id: Batcher(b) for b in spec.buckets}
+        self._batchers: dict[str, Batcher[Job]] = {b.id: Batcher(b, Job.padded_shape) for b in spec.buckets}
         self._cpu_pool = ThreadPoolExecutor(settings.pipeline.decode_threads, thread_name_prefix="cpu")
         self._bucket_pools = {
             b.id: ThreadPoolExecutor(backend.instances(b.id), thread_name_prefix=f"bucket-{b.id}") for b in spec.buckets
@@ -333,7 +336,12 @@ class Service:
             body = {
                 "boxes": boxes,
                 "image": {"height": p.original_height, "width": p.original_width},
-                "input": {"height": p.height, "width": p.width},
+                "input": {
+                    "height": p.height,
+                    "width": p.width,
+                    "padded_height": p.padded_height,
+                    "padded_width": p.padded_width,
+                },
                 "bucket": bucket.id,
                 "batch_size": count,
                 "model": self.spec.name,

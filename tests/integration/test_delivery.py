@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from tests.conftest import RedisServer, worker_env
-from tests.support.faulty import POISON_HW
+from tests.support.faulty import POISON_BGR
 from tests.support.workers import WorkerProcess
 from worker.client import Client
 from worker.protocol import Keys
@@ -75,13 +75,13 @@ def test_kill_9_mid_batch_loses_no_job(redis_url: str, redis_client: redis.Redis
 def test_a_job_that_always_fails_is_dead_lettered_after_max_deliveries(
     redis_url: str, redis_client: redis.Redis, photos: list[Path]
 ) -> None:
-    poison = cv2.imencode(".png", np.full((*POISON_HW, 3), 90, np.uint8))[1].tobytes()
+    poison = cv2.imencode(".png", np.full((96, 64, 3), POISON_BGR, np.uint8))[1].tobytes()
     with Client(redis_url) as client:
         good = client.submit_many(photos[:6])
         bad = client.submit(poison, job_id="poison-1")
     env = worker_env(
         redis_url,
-        IMGWORKER_BACKEND__KIND="tests.support.faulty:PoisonShapeBackend",
+        IMGWORKER_BACKEND__KIND="tests.support.faulty:PoisonColourBackend",
         IMGWORKER_REDIS__MAX_DELIVERIES="3",
         **FAST_LEASE,
     )

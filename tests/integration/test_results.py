@@ -14,7 +14,7 @@ from tests.support.boxes import unmatched
 from tests.support.workers import WorkerProcess
 from worker.buckets import ModelSpec
 from worker.client import Client
-from worker.imaging import prepare
+from worker.imaging import pad_batch, prepare
 
 pytestmark = pytest.mark.slow
 #: ORT on the same input in another process and session; float32 summation order may differ
@@ -72,24 +72,33 @@ def test_output_tensor_equals_direct_onnxruntime(
             assert result.status == "ok", result.message
             tensor = result.tensors[spec.output]
             prepared = prepare(photo.read_bytes(), spec, 40_000_000)
-            (direct,) = session.run([spec.output], {spec.input: prepared.tensor[None]})
-            assert tensor.shape == direct.shape[1:] == (1, prepared.height, prepared.width)
-            np.testing.assert_allclose(tensor, direct[0], atol=TENSOR_ATOL, err_msg=photo.name)
+            padded, _ = pad_batch([prepared])  # the same preprocessing: resize, normalise, pad to its grid
+            (direct,) = session.run([spec.output], {spec.input: padded})
+            direct = direct[0, :, : prepared.height, : prepared.width]
+            assert tensor.shape == direct.shape == (1, prepared.height, prepared.width)
+            np.testing.assert_allclose(tensor, direct, atol=TENSOR_ATOL, err_msg=photo.name)
 
 
 def test_boxes_do_not_depend_on_batch_companions(
     worker: WorkerProcess, redis_url: str, photos: list[Path], spec: ModelSpec
 ) -> None:
-    in_bucket = [p for p in photos if prepare(p.read_bytes(), spec, 40_000_000).bucket.id == "m640"][:8]
+    """Photos of different sizes that pad to one shape: boxes alone equal boxes in a shared batch."""
+    groups: dict[tuple[str, int, int], dict[tuple[int, ...], list[Path]]] = {}
+    for photo in photos:
+        p = prepare(photo.read_bytes(), spec, 40_000_000)
+        by_size = groups.setdefault((p.bucket.id, p.padded_height, p.padded_width), {})
+        by_size.setdefault(p.tensor.shape, []).append(photo)
+    by_size = max(groups.values(), key=len)  # the padded shape holding the most distinct input sizes
+    group = [paths[i] for i in range(2) for paths in by_size.values() if i < len(paths)][:8]
+    assert len(by_size) >= 2 and len(group) >= 3
     with Client(redis_url) as client:
-        alone = {p: client.wait(client.submit(p), timeout_s=120) for p in in_bucket}
-        together_ids = client.submit_many(in_bucket)
+        alone = {p: client.wait(client.submit(p), timeout_s=120) for p in group}
+        together_ids = client.submit_many(group)
         results = client.wait_many(together_ids, timeout_s=120)
-    together = {p: results[j] for p, j in zip(in_bucket, together_ids, strict=True)}
-    padded = [p for p, r in together.items() if r.result["batch_size"] > 1]
-    sizes = {(r.result["input"]["height"], r.result["input"]["width"]) for r in together.values()}
-    assert len(padded) >= 2 and len(sizes) >= 2, "the batch must mix sizes, so some images were padded"
-    for photo in in_bucket:
+    together = {p: results[j] for p, j in zip(group, together_ids, strict=True)}
+    assert max(r.result["batch_size"] for r in together.values()) > 1, "the group must have shared a batch"
+    assert all(r.result["batch_size"] == 1 for r in alone.values())
+    for photo in group:
         single, batched = alone[photo].result["boxes"], together[photo].result["boxes"]
         assert len(single) == len(batched), photo.name
         assert not unmatched(single, batched, BOX_IOU, min_score=0.0), photo.name

@@ -8,8 +8,8 @@ import cv2
 import numpy as np
 
 #: boxes this far above the detector's box_thresh (0.5) must appear in both runs; weaker ones may
-#: flip across the threshold when padding or float rounding differs by a hair
-CLEAR_SCORE = 0.6
+#: flip across the threshold when float rounding differs by a hair
+CLEAR_SCORE = 0.52
 
 
 def box_iou(a: list[list[float]], b: list[list[float]]) -> float:

@@ -1,23 +1,29 @@
 """A backend that fails on purpose, plugged in through ``backend.kind = "module:Class"``.
 
-It runs the real ONNX Runtime backend but refuses any batch padded to exactly POISON_HW, so the
-tests can send one job that fails on every delivery while the rest of the pipeline is untouched.
+It runs the real ONNX Runtime backend but refuses any batch holding an image whose top-left corner
+is the solid POISON_BGR colour, so the tests can send one job that fails on every delivery while
+the rest of the pipeline (and every real photo) is untouched.
 """
 
 from __future__ import annotations
+
+import numpy as np
 
 from worker.backends.base import Outputs, Tensor
 from worker.backends.onnxruntime import OnnxRuntimeBackend
 from worker.buckets import BucketSpec
 from worker.errors import BackendError
 
-POISON_HW = (96, 64)
+POISON_BGR = (90, 17, 201)
 
 
-class PoisonShapeBackend(OnnxRuntimeBackend):
-    kind = "poison-shape"
+class PoisonColourBackend(OnnxRuntimeBackend):
+    kind = "poison-colour"
 
     def _infer(self, bucket: BucketSpec, batch: Tensor) -> Outputs:
-        if tuple(batch.shape[2:]) == POISON_HW:
-            raise BackendError(f"refusing a batch of shape {batch.shape} (test poison)")
+        pre = self.spec.preprocess
+        poison = np.array([(v * pre.scale - m) / s for v, m, s in zip(POISON_BGR, pre.mean, pre.std, strict=True)])
+        corners = batch[:, :, :4, :4].reshape(len(batch), 3, -1)
+        if np.any(np.all(np.abs(corners - poison[None, :, None]) < 1e-6, axis=(1, 2))):
+            raise BackendError(f"refusing a batch of shape {batch.shape}: it holds the test poison")
         return super()._infer(bucket, batch)

@@ -109,11 +109,23 @@ def test_prepare_normalises_resizes_and_routes(spec: ModelSpec) -> None:
     np.testing.assert_allclose(normalize(np.zeros((2, 2, 3), np.uint8), spec), -1.0)
 
 
+def test_padded_shape_depends_on_the_image_alone(spec: ModelSpec) -> None:
+    """The shipped spec pads to a 128 grid, capped at the bucket's max."""
+    small = prepare(_encode(np.zeros((64, 64, 3), np.uint8), ".png"), spec, LIMIT)
+    wide = prepare(_encode(np.zeros((600, 800, 3), np.uint8), ".png"), spec, LIMIT)
+    assert (small.padded_height, small.padded_width) == (128, 128)
+    assert (wide.height, wide.width, wide.padded_height, wide.padded_width) == (608, 800, 640, 896)
+
+
 def test_pad_batch_pads_bottom_right_and_reports_waste(spec: ModelSpec) -> None:
     a = prepare(_encode(np.zeros((64, 64, 3), np.uint8), ".png"), spec, LIMIT)
     b = prepare(_encode(np.zeros((32, 128, 3), np.uint8), ".png"), spec, LIMIT)
     batch, waste = pad_batch([a, b])
-    assert batch.shape == (2, 3, 64, 128)
+    assert batch.shape == (2, 3, 128, 128)
     np.testing.assert_array_equal(batch[0, :, :64, :64], a.tensor)
     assert float(np.abs(batch[0, :, :, 64:]).max()) == 0.0
-    assert waste == pytest.approx(1 - (64 * 64 + 32 * 128) / (2 * 64 * 128))
+    assert float(np.abs(batch[1, :, 32:, :]).max()) == 0.0
+    assert waste == pytest.approx(1 - (64 * 64 + 32 * 128) / (2 * 128 * 128))
+    c = prepare(_encode(np.zeros((600, 800, 3), np.uint8), ".png"), spec, LIMIT)
+    with pytest.raises(ValueError, match="one padded shape"):
+        pad_batch([a, c])
