@@ -62,6 +62,8 @@ class Service:
         self._stopping = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self._inflight: dict[str, Delivery] = {}
+        #: why an entry this worker left pending failed last, for its dead-letter reason
+        self._last_errors: dict[str, str] = {}
         self._admissions: set[asyncio.Task[None]] = set()
         self._batchers: dict[str, Batcher[Job]] = {b.id: Batcher(b, Job.padded_shape) for b in spec.buckets}
         self._cpu_pool = ThreadPoolExecutor(settings.pipeline.decode_threads, thread_name_prefix="cpu")
@@ -217,6 +219,8 @@ class Service:
         job_id = job_id_of(delivery.fields)
         if delivery.deliveries > self.settings.redis.max_deliveries:
             reason = f"gave up after {delivery.deliveries - 1} deliveries"
+            if last_error := self._last_errors.pop(delivery.entry_id, None):
+                reason += f"; last error: {last_error}"
             await self._dead_letter(delivery, JobResult.failure(job_id, "max_deliveries", reason))
             return
         started = time.perf_counter()
@@ -318,6 +322,7 @@ class Service:
         logger.warning(
             "job %s failed on bucket %s (delivery %d): %s", job.request.job_id, bucket.id, job.delivery.deliveries, exc
         )
+        self._last_errors[job.delivery.entry_id] = f"{getattr(exc, 'code', 'backend_error')}: {exc}"
         self._release([job.delivery])  # left pending: retried after the backoff, then dead-lettered
 
     def _postprocess(self, bucket: BucketSpec, jobs: list[Job], outputs: Outputs, count: int) -> list[JobResult]:
@@ -378,6 +383,7 @@ class Service:
                 await asyncio.sleep(BROKER_RETRY_S)
         end = now_ms()
         for delivery, result in settlements:
+            self._last_errors.pop(delivery.entry_id, None)
             self.metrics.jobs_completed.labels(result.status, result.code).inc()
             enqueued = delivery.fields.get(b"enqueued_ms", b"0")
             if enqueued.isdigit() and int(enqueued):
