@@ -142,15 +142,21 @@ class Broker:
         await self._call("forget consumer", self._forget_consumer(keys=keys, args=[self.settings.group, consumer]))
 
     async def read(self, count: int) -> list[Delivery]:
-        """New entries, highest priority first; blocks up to block_ms when there are none."""
+        """Up to ``count`` new entries, strictly by priority: a lower stream is read only when the
+        higher ones have none left. Blocks up to block_ms when every stream is empty."""
+        deliveries: list[Delivery] = []
+        for stream in self.keys.streams:
+            deliveries += await self._read_group({stream: ">"}, count - len(deliveries), block_ms=None)
+            if len(deliveries) >= count:
+                return deliveries
+        if deliveries:
+            return deliveries
+        blocked = await self._read_group({s: ">" for s in self.keys.streams}, count, self.settings.block_ms)
+        return sorted(blocked, key=lambda d: self.keys.priority_of(d.stream))
+
+    async def _read_group(self, streams: dict[Any, Any], count: int, block_ms: int | None) -> list[Delivery]:
         try:
-            reply = await self.redis.xreadgroup(
-                self.settings.group,
-                self.consumer,
-                {s: ">" for s in self.keys.streams},
-                count=count,
-                block=self.settings.block_ms,
-            )
+            reply = await self.redis.xreadgroup(self.settings.group, self.consumer, streams, count, block_ms)
         except ResponseError as exc:
             if _group_lost(exc):
                 await self.ensure_groups()
@@ -158,15 +164,13 @@ class Broker:
             raise BrokerError(f"redis read failed: {exc}") from exc
         except RedisError as exc:
             raise BrokerError(f"redis read failed: {exc}") from exc
-        streams: Any = reply or []  # RESP2: [[stream, [(entry id, fields), ...]], ...]
-        deliveries = [
+        entries_by_stream: Any = reply or []  # RESP2: [[stream, [(entry id, fields), ...]], ...]
+        return [
             Delivery(_text(stream), _text(entry_id), fields, 1)
-            for stream, entries in streams
+            for stream, entries in entries_by_stream
             for entry_id, fields in entries
             if fields is not None
         ]
-        deliveries.sort(key=lambda d: self.keys.priority_of(d.stream))
-        return deliveries
 
     async def reclaim(self, local_entry_ids: set[str]) -> list[Delivery]:
         """Claim entries of consumers whose lease expired, and this worker's own entries left for retry.

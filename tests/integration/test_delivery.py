@@ -166,3 +166,18 @@ def test_worker_rides_out_a_redis_restart(redis_server: RedisServer, redis_url: 
         assert worker.wait(60) == 0, worker.log
     finally:
         worker.kill()
+
+
+def test_high_priority_jobs_overtake_a_low_priority_backlog(
+    redis_url: str, redis_client: redis.Redis, photos: list[Path]
+) -> None:
+    with Client(redis_url) as client:
+        low = client.submit_many(photos[:30], priority=2)
+        high = client.submit_many(photos[30:42], priority=0)
+    worker = WorkerProcess(worker_env(redis_url, IMGWORKER_PIPELINE__MAX_INFLIGHT="4"), "--burst")
+    assert worker.wait(300) == 0, worker.log
+    results = _results(redis_client, [*low, *high])
+    queue_ms = {j: r["result"]["timings_ms"]["queue"] for j, r in results.items()}
+    # Enqueued last, read first: no low job is read while high ones wait, so even the last high
+    # job waited less than the sixth low one (reading all streams alike would interleave them).
+    assert max(queue_ms[j] for j in high) < sorted(queue_ms[j] for j in low)[5]
