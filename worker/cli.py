@@ -84,7 +84,9 @@ def expand_inputs(patterns: list[str]) -> list[Path]:
 
     paths: list[Path] = []
     for pattern in patterns:
-        matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
+        # a glob that matches nothing stays as given, so it gets its own "unreadable" line
+        matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else []
+        matches = matches or [pattern]
         for match in matches:
             path = Path(match)
             if path.is_dir():
