@@ -10,7 +10,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
@@ -18,7 +18,7 @@ from worker.backends.base import Backend, Outputs
 from worker.batcher import Batcher
 from worker.broker import Broker, Delivery
 from worker.buckets import BucketSpec, ModelSpec
-from worker.errors import BackendError, BrokerError, JobError, JobExpiredError, TransientError
+from worker.errors import BackendError, BrokerError, ImageTooLargeError, JobError, JobExpiredError, TransientError
 from worker.imaging import Prepared, pad_batch, prepare
 from worker.metrics import Metrics
 from worker.postprocess import text_boxes
@@ -26,7 +26,6 @@ from worker.protocol import JobRequest, JobResult, job_id_of
 from worker.settings import Settings
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
 
 STATS_INTERVAL_S = 5.0
 BROKER_RETRY_S = 0.5
@@ -224,12 +223,18 @@ class Service:
             await self._dead_letter(delivery, JobResult.failure(job_id, "max_deliveries", reason))
             return
         started = time.perf_counter()
+        queue_ms = 0.0
         try:
             request = JobRequest.decode(delivery.fields)
             self.metrics.jobs_received.labels(request.priority).inc()
             if request.enqueued_ms:
-                self.metrics.queue_wait.observe(max(now_ms() - request.enqueued_ms, 0) / 1000)
+                queue_ms = float(max(now_ms() - request.enqueued_ms, 0))
+                self.metrics.queue_wait.observe(queue_ms / 1000)
             self._check_deadline(request)
+            if len(request.image) > self.settings.pipeline.max_image_bytes:
+                raise ImageTooLargeError(
+                    f"image is {len(request.image)} bytes, the limit is {self.settings.pipeline.max_image_bytes}"
+                )
             prepared = await self._in_pool(
                 self._cpu_pool, prepare, request.image, self.spec, self.settings.pipeline.max_pixels
             )
@@ -245,9 +250,7 @@ class Service:
             return
         decode_s = time.perf_counter() - started
         self.metrics.decode.observe(decode_s)
-        job = Job(delivery, request, prepared, {"decode": round(decode_s * 1000, 2)})
-        if request.enqueued_ms:
-            job.timings_ms["queue"] = float(max(now_ms() - request.enqueued_ms, 0))
+        job = Job(delivery, request, prepared, {"queue": queue_ms, "decode": round(decode_s * 1000, 2)})
         if self._batchers[prepared.bucket.id].closed:  # drained while decoding: leave it for the next worker
             self._release([delivery])
             return
@@ -301,7 +304,7 @@ class Service:
         self.metrics.padding_waste.labels(bucket.id).observe(waste)
         for job in jobs:
             job.timings_ms["inference"] = round(infer_s * 1000, 2)
-        results = await self._in_pool(self._cpu_pool, self._postprocess, bucket, jobs, outputs, len(jobs))
+        results = await self._in_pool(self._cpu_pool, self._postprocess, bucket, jobs, outputs)
         await self._settle(list(zip([j.delivery for j in jobs], results, strict=True)))
 
     async def _batch_failed(self, bucket: BucketSpec, jobs: list[Job], exc: Exception) -> None:
@@ -325,7 +328,7 @@ class Service:
         self._last_errors[job.delivery.entry_id] = f"{getattr(exc, 'code', 'backend_error')}: {exc}"
         self._release([job.delivery])  # left pending: retried after the backoff, then dead-lettered
 
-    def _postprocess(self, bucket: BucketSpec, jobs: list[Job], outputs: Outputs, count: int) -> list[JobResult]:
+    def _postprocess(self, bucket: BucketSpec, jobs: list[Job], outputs: Outputs) -> list[JobResult]:
         prob_maps = outputs[self.spec.output]
         results = []
         for i, job in enumerate(jobs):
@@ -338,6 +341,8 @@ class Service:
                 if job.request.want_tensors
                 else {}
             )
+            if job.request.enqueued_ms:
+                job.timings_ms["total"] = float(max(now_ms() - job.request.enqueued_ms, 0))
             body = {
                 "boxes": boxes,
                 "image": {"height": p.original_height, "width": p.original_width},
@@ -348,13 +353,11 @@ class Service:
                     "padded_width": p.padded_width,
                 },
                 "bucket": bucket.id,
-                "batch_size": count,
+                "batch_size": len(jobs),
                 "model": self.spec.name,
                 "deliveries": job.delivery.deliveries,
                 "timings_ms": job.timings_ms,
             }
-            if job.request.enqueued_ms:
-                job.timings_ms["total"] = float(max(now_ms() - job.request.enqueued_ms, 0))
             results.append(JobResult(job.request.job_id, "ok", result=body, tensors=tensors))
         return results
 
