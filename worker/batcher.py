@@ -30,9 +30,6 @@ class Batcher(Generic[T]):
         self._changed = asyncio.Event()
         self._closed = False
 
-    def __len__(self) -> int:
-        return len(self._items)
-
     @property
     def closed(self) -> bool:
         return self._closed

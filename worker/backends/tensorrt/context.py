@@ -19,7 +19,7 @@ from worker.backends.tensorrt._cuda import (
     fill_u32,
 )
 from worker.backends.tensorrt._logger import trt_logger
-from worker.backends.tensorrt.engine import TensorInfo, io_tensors
+from worker.backends.tensorrt.engine import io_tensors
 from worker.buckets import BucketSpec, ModelSpec
 from worker.errors import BackendError, EngineLoadError, ShapeOutOfProfileError
 
@@ -93,9 +93,6 @@ class BucketContext:
         self.stream.synchronize()
         self.last_gpu_ms = self.stream.elapsed_ms()
         return {name: view.copy() for name, view in views.items()}  # the pinned buffers are reused
-
-    def output_info(self) -> list[TensorInfo]:
-        return self.outputs
 
     def close(self) -> None:
         self.device.bind()
