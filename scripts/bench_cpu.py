@@ -11,7 +11,6 @@ Usage: python scripts/bench_cpu.py [--repeat 3] [--limit N]
 from __future__ import annotations
 
 import argparse
-import signal
 import statistics
 import sys
 import tempfile
@@ -22,10 +21,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from tests.conftest import RedisServer, worker_env  # noqa: E402
-from tests.support.workers import WorkerProcess  # noqa: E402
+from tests.support.workers import run_jobs  # noqa: E402
 from worker.backends import open_backend  # noqa: E402
 from worker.buckets import load_model_spec  # noqa: E402
-from worker.client import Client  # noqa: E402
 from worker.imaging import pad_batch, prepare  # noqa: E402
 from worker.postprocess import text_boxes  # noqa: E402
 from worker.settings import Settings  # noqa: E402
@@ -51,20 +49,12 @@ def worker(images: list[bytes]) -> tuple[float, float, float]:
     with tempfile.TemporaryDirectory() as workdir:
         server = RedisServer(Path(workdir))
         server.start()
-        process = WorkerProcess(worker_env(server.url))
         try:
-            process.wait_ready()
-            with Client(server.url) as client:
-                started = time.perf_counter()
-                ids = client.submit_many(images)
-                results = client.wait_many(ids, timeout_s=1800)
-                rate = len(images) / (time.perf_counter() - started)
-            process.process.send_signal(signal.SIGTERM)
-            process.wait(60)
+            run = run_jobs(worker_env(server.url), list(images))
         finally:
-            process.kill()
             server.stop()
-    totals = sorted(r.result["timings_ms"]["total"] for r in results.values())
+    rate = len(images) / run.elapsed_s
+    totals = sorted(r.result["timings_ms"]["total"] for r in run.results)
     return rate, statistics.median(totals), totals[int(0.99 * (len(totals) - 1))]
 
 

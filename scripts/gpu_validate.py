@@ -17,7 +17,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -31,9 +30,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from tests.conftest import RedisServer, worker_env  # noqa: E402
-from tests.support.workers import WorkerProcess  # noqa: E402
+from tests.support.workers import run_jobs  # noqa: E402
 from worker.buckets import ModelSpec, load_model_spec  # noqa: E402
-from worker.client import Client  # noqa: E402
 from worker.settings import Settings  # noqa: E402
 
 
@@ -98,25 +96,11 @@ def measure_worker(photos: list[Path], repeat: int, workdir: Path) -> dict[str, 
     redis_server = RedisServer(workdir)
     redis_server.start()
     try:
-        worker = WorkerProcess(worker_env(redis_server.url))
-        try:
-            worker.wait_ready(900)
-            images = [p.read_bytes() for p in photos] * repeat
-            with Client(redis_server.url) as client:
-                started = time.monotonic()
-                ids: list[str] = []
-                for start in range(0, len(images), 128):
-                    ids += client.submit_many(images[start : start + 128])
-                results = client.wait_many(ids, timeout_s=900)
-                elapsed = time.monotonic() - started
-            metrics = worker.metrics()
-            worker.process.send_signal(signal.SIGTERM)
-            worker.wait(60)
-        finally:
-            worker.kill()
+        run = run_jobs(worker_env(redis_server.url), [p.read_bytes() for p in photos] * repeat, timeout_s=900)
     finally:
         redis_server.stop()
-    ok = [r for r in results.values() if r.status == "ok"]
+    results, elapsed, metrics = run.results, run.elapsed_s, run.metrics
+    ok = [r for r in results if r.status == "ok"]
     totals = [r.result["timings_ms"]["total"] for r in ok]
     batches = sum(v for (name, _), v in metrics.items() if name == "imgworker_batch_size_count")
     infer_s = sum(v for (name, _), v in metrics.items() if name == "imgworker_inference_seconds_sum")

@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from worker.client import Client, ImageInput
+from worker.protocol import JobResult
+
 REPO = Path(__file__).resolve().parents[2]
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 PORT_LINE = re.compile(r"metrics and health on http://[^:]+:(\d+)/metrics")
 
 
@@ -63,7 +69,7 @@ class WorkerProcess:
             time.sleep(0.1)
         raise AssertionError(f"worker not ready after {timeout_s} s:\n{self.log}")
 
-    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    def metrics(self) -> Samples:
         """Samples of /metrics keyed by (name, sorted labels)."""
         status, text = self.get("/metrics")
         assert status == 200
@@ -86,3 +92,29 @@ class WorkerProcess:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+
+
+@dataclass(frozen=True)
+class Run:
+    results: list[JobResult]  # in submission order
+    elapsed_s: float  # first submission to last result
+    metrics: Samples  # /metrics just before the worker was stopped
+
+
+def run_jobs(env: dict[str, str], images: list[ImageInput], prefix: str = "imgworker", timeout_s: float = 1800) -> Run:
+    """Start a worker, submit every image at once, wait for all results, stop it with SIGTERM."""
+    env = {**env, "IMGWORKER_REDIS__PREFIX": prefix}
+    worker = WorkerProcess(env)
+    try:
+        worker.wait_ready(900)
+        with Client(env["IMGWORKER_REDIS__URL"], prefix=prefix) as client:
+            started = time.monotonic()
+            ids = client.submit_many(images)
+            results = client.wait_many(ids, timeout_s=timeout_s)
+            elapsed_s = time.monotonic() - started
+        metrics = worker.metrics()
+        worker.process.send_signal(signal.SIGTERM)
+        assert worker.wait(60) == 0, worker.log
+    finally:
+        worker.kill()
+    return Run([results[job_id] for job_id in ids], elapsed_s, metrics)
