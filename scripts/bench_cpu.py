@@ -1,84 +1,133 @@
 #!/usr/bin/env python3
-"""Worker throughput against a naive baseline, measured in the same run on this machine.
+"""The worker's CPU side against a one-image-at-a-time loop, measured in the same run on this machine.
 
-baseline: one process, one image at a time: decode, preprocess, ONNX Runtime, boxes (no Redis).
-worker:   the real thing through a local redis-server: submit all, wait for all results.
-Prints images/s of both, their ratio, and the worker's p50/p99 latency. Repeats and takes medians.
+baseline: one thread, one image at a time, no Redis: decode, resize, the backend, boxes.
+worker:   the real thing, `python -m worker run` against a local redis-server: every job submitted
+          up front; throughput and CPU use are taken in the steady window (10% to 90% of results).
 
-Usage: python scripts/bench_cpu.py [--repeat 3] [--limit N]
+With ``--backend fake`` (a recorded probability map, no model) this is the ceiling of everything
+around the engine: images/s per CPU core the worker used, the figure that says how many cores a
+GPU needs to be fed. Photos are re-encoded as JPEGs of one size (default 640x480, quality 90).
+
+Usage: python scripts/bench_cpu.py [--backend fake|onnxruntime] [--jobs N] [--size 640x480] [--repeat 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import cv2
+import numpy as np
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.conftest import RedisServer, worker_env  # noqa: E402
-from tests.support.workers import run_jobs  # noqa: E402
+from tests.support.redis_server import RedisServer  # noqa: E402
+from tests.support.workers import run_jobs, worker_env  # noqa: E402
 from worker.backends import open_backend  # noqa: E402
 from worker.buckets import load_model_spec  # noqa: E402
-from worker.imaging import pad_batch, prepare  # noqa: E402
+from worker.graph import engine_output  # noqa: E402
+from worker.imaging import ByteBudget, Limits, prepare  # noqa: E402
 from worker.postprocess import text_boxes  # noqa: E402
 from worker.settings import Settings  # noqa: E402
 
 
-def baseline(images: list[bytes]) -> float:
-    settings = Settings.load()
+def corpus(size: tuple[int, int], count: int) -> list[bytes]:
+    """Real photos re-encoded as JPEGs of one size, repeated to ``count`` jobs."""
+    photos_dir = Settings().assets_dir / "photos"
+    photos = sorted(p for p in photos_dir.iterdir() if p.suffix.lower() in {".jpg", ".png"})
+    encoded = []
+    for photo in photos:
+        image = cv2.imread(str(photo), cv2.IMREAD_COLOR)
+        if image is not None and min(image.shape[:2]) >= 64:
+            encoded.append(cv2.imencode(".jpg", cv2.resize(image, size), [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes())
+    return [encoded[i % len(encoded)] for i in range(count)]
+
+
+def baseline(images: list[bytes], settings: Settings) -> float:
+    """Images per second of one thread doing one image at a time (its CPU time: one core)."""
     spec = load_model_spec(settings.model_spec)
     backend = open_backend(spec, settings.onnx_path(spec.onnx), settings.backend)
+    limits = Limits(settings.pipeline.max_pixels, 1 << 30)
+    budget = ByteBudget(1 << 30)
+    output = engine_output(spec)
     try:
-        started = time.perf_counter()
+        started = time.process_time()
         for data in images:
-            p = prepare(data, spec, settings.pipeline.max_pixels)
-            tensor, _ = pad_batch([p])
-            prob = backend.infer(p.bucket.id, tensor)[spec.output]
-            text_boxes(prob[0, 0, : p.height, : p.width], spec.postprocess, p.original_height, p.original_width)
-        return len(images) / (time.perf_counter() - started)
+            p = prepare(data, spec, limits, budget)
+            lane = backend.lanes(p.bucket.id)[0]
+            lane.input(1, p.height, p.width)[0] = p.image
+            prob = lane.run(1, p.height, p.width)[output]
+            text_boxes(prob[0, 0], spec.postprocess, p.original_height, p.original_width)
+        return len(images) / (time.process_time() - started)
     finally:
         backend.close()
 
 
-def worker(images: list[bytes]) -> tuple[float, float, float]:
+def measure_worker(images: list[bytes], extra_env: dict[str, str]) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as workdir:
         server = RedisServer(Path(workdir))
         server.start()
         try:
-            run = run_jobs(worker_env(server.url), list(images))
+            assert server.process is not None
+            run = run_jobs(worker_env(server.url, **extra_env), list(images), redis_pid=server.process.pid)
         finally:
             server.stop()
-    rate = len(images) / run.elapsed_s
-    totals = sorted(r.result["timings_ms"]["total"] for r in run.results)
-    return rate, statistics.median(totals), totals[int(0.99 * (len(totals) - 1))]
+    totals = sorted(r.result["timings_ms"]["total"] for r in run.results if r.status == "ok")
+    assert len(totals) == len(images), "every job must succeed"
+    return {
+        "img_s": run.steady_rate,
+        "cores": run.worker_cores,
+        "per_core": run.per_core,
+        "redis_cores": run.redis_cores,
+        "p50_ms": statistics.median(totals),
+        "p99_ms": float(np.percentile(totals, 99)),
+    }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backend", choices=("fake", "onnxruntime"), default="onnxruntime")
+    parser.add_argument("--jobs", type=int, help="jobs per worker run (default: 2000 fake, 200 onnxruntime)")
+    parser.add_argument("--size", default="640x480", help="WIDTHxHEIGHT of the JPEGs")
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--limit", type=int, default=0, help="use only the first N photos")
+    parser.add_argument("--batch-ms", type=float, default=0.0, help="fake backend: milliseconds per batch")
+    parser.add_argument("--json", type=Path, help="also write the medians here")
     args = parser.parse_args()
-    photos = sorted(p for p in (Settings().assets_dir / "photos").iterdir() if p.suffix.lower() in {".jpg", ".png"})
-    images = [p.read_bytes() for p in photos[: args.limit or None]]
-    base, work, p50, p99 = [], [], [], []
+    width, height = (int(v) for v in args.size.split("x"))
+    jobs = args.jobs or (2000 if args.backend == "fake" else 200)
+    images = corpus((width, height), jobs)
+    env = {"IMGWORKER_BACKEND__KIND": args.backend}
+    if args.backend == "fake":
+        env["IMGWORKER_BACKEND__FAKE__BATCH_MS"] = str(args.batch_ms)
+    settings = Settings.load(backend={"kind": args.backend, "fake": {"batch_ms": args.batch_ms}})
+    runs = []
     for run in range(args.repeat):
-        base.append(baseline(images))
-        rate, median_ms, tail_ms = worker(images)
-        work.append(rate)
-        p50.append(median_ms)
-        p99.append(tail_ms)
-        print(f"run {run + 1}: baseline {base[-1]:.1f} img/s, worker {rate:.1f} img/s", flush=True)
-    b, w = statistics.median(base), statistics.median(work)
-    print(f"{len(images)} photos, median of {args.repeat} runs")
-    print(f"baseline (one at a time, no queue): {b:.1f} images/s")
-    print(f"worker (Redis, buckets, batching):   {w:.1f} images/s  = {w / b:.2f}x the baseline")
-    print(f"worker latency, whole set submitted at once: p50 {statistics.median(p50):.0f} ms, "
-          f"p99 {statistics.median(p99):.0f} ms")  # fmt: skip
+        base = baseline(images[: min(len(images), 300)], settings)
+        worker = measure_worker(images, env)
+        runs.append({"baseline_img_s": base, **worker})
+        print(
+            f"run {run + 1}: baseline {base:.1f} img/s on one core; worker {worker['img_s']:.1f} img/s "
+            f"on {worker['cores']:.2f} cores = {worker['per_core']:.1f} img/s per core",
+            flush=True,
+        )
+    median = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+    print(f"{jobs} {width}x{height} JPEGs, backend {args.backend}, median of {args.repeat} runs")
+    print(f"baseline (one thread, one image at a time, no queue): {median['baseline_img_s']:.1f} images/s per core")
+    print(
+        f"worker (Redis, buckets, batching): {median['img_s']:.1f} images/s on {median['cores']:.2f} cores = "
+        f"{median['per_core']:.1f} images/s per core ({median['per_core'] / median['baseline_img_s']:.2f}x the "
+        f"baseline's per-core rate); redis-server used {median['redis_cores']:.2f} cores"
+    )
+    print(f"worker latency, all submitted at once: p50 {median['p50_ms']:.0f} ms, p99 {median['p99_ms']:.0f} ms")
+    if args.json:
+        args.json.write_text(json.dumps({"backend": args.backend, "size": args.size, "jobs": jobs, **median}))
     return 0
 
 

@@ -3,7 +3,7 @@
 # redis-server processes the tests start themselves. GPU tests skip, with their reason, without a GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh
+scripts/setup.sh --test
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy

@@ -1,74 +1,26 @@
-"""Shared fixtures: a real redis-server per session on a free port, the real model and photos."""
+"""Shared fixtures: real redis-server processes on free ports, the real model and photos."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import socket
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 
+from tests.support.redis_server import RedisServer
+from tests.support.workers import REPO, worker_env
 from worker.buckets import ModelSpec, load_model_spec
-from worker.settings import REPO_CONFIG_DIR, Settings
+from worker.settings import DEFAULT_SPEC, Settings
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class RedisServer:
-    """A throwaway redis-server process; tests may stop and restart it (same port) to cut Redis off."""
-
-    def __init__(self, workdir: Path) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.fail("redis-server is not installed (apt-get install redis-server)")
-        self.binary = binary
-        self.workdir = workdir
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [
-                self.binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.workdir),
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        client = redis.Redis(port=self.port)
-        for _ in range(200):
-            try:
-                client.ping()
-                return
-            except redis.ConnectionError:
-                time.sleep(0.025)
-        raise RuntimeError("redis-server did not answer PING")
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait()
-            self.process = None
+#: quick leases and retries, so fault tests run in seconds
+FAST_REDIS = {"lease_s": 2.0, "block_ms": 200, "retry_backoff_s": 0.3}
+FAST_LEASE_ENV = {
+    "IMGWORKER_REDIS__LEASE_S": "2",
+    "IMGWORKER_REDIS__BLOCK_MS": "200",
+    "IMGWORKER_REDIS__RETRY_BACKOFF_S": "0.3",
+}
 
 
 @pytest.fixture(scope="session")
@@ -97,14 +49,14 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
 @pytest.fixture(scope="session")
 def assets_dir() -> Path:
     path = Settings().assets_dir
-    if not (path / "photos" / ".complete").is_file():
-        pytest.fail(f"assets missing in {path}: run `python -m worker fetch-assets` (the test script does)")
+    if not (path / "photos" / ".complete").is_file() or not (path / "edge" / ".complete").is_file():
+        pytest.fail(f"test material missing in {path}: run `python -m worker fetch-assets --test-material`")
     return path
 
 
 @pytest.fixture(scope="session")
 def spec() -> ModelSpec:
-    return load_model_spec(REPO_CONFIG_DIR / "ppocr_det.yaml")
+    return load_model_spec(DEFAULT_SPEC)
 
 
 @pytest.fixture(scope="session")
@@ -122,17 +74,12 @@ def edge_dir(assets_dir: Path) -> Path:
     return assets_dir / "edge"
 
 
-def worker_env(redis_url: str, **extra: str) -> dict[str, str]:
-    """Environment for a worker subprocess: quick leases and retries so fault tests run fast."""
-    env = dict(os.environ)
-    env.update(
-        {
-            "IMGWORKER_REDIS__URL": redis_url,
-            "IMGWORKER_METRICS__PORT": "0",
-            "IMGWORKER_LOG_LEVEL": "INFO",
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-            "PYTHONUNBUFFERED": "1",
-        }
-    )
-    env.update(extra)
-    return env
+def settings_for(redis_url: str, **sections: Any) -> Settings:
+    """Explicit settings for an in-process worker: fast leases, the fake backend, no metrics port."""
+    redis_section = {"url": redis_url, **FAST_REDIS, **sections.pop("redis", {})}
+    backend = {"kind": "fake", **sections.pop("backend", {})}
+    metrics = {"enabled": False, **sections.pop("metrics", {})}
+    return Settings.load(redis=redis_section, backend=backend, metrics=metrics, **sections)
+
+
+__all__ = ["REPO", "RedisServer", "settings_for", "worker_env"]

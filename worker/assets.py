@@ -1,7 +1,11 @@
 """``fetch-assets``: the real model and photos, downloaded by package name, checked by sha256, cached.
 
 Nothing fetched here is committed; everything lands under ``Settings.assets_dir``:
-``models/`` (the ONNX file), ``photos/`` (real photos, many sizes), ``edge/`` (decoder edge cases).
+``models/`` (the ONNX file and the fake backend's recorded map), ``photos/`` (real photos) and,
+for the tests only, more photos and ``edge/`` (decoder edge cases and hostile files).
+
+The demo needs PyPI alone (two wheels, ~29 MB), so it works wherever pip does. The test material
+adds Debian 12's ``opencv-doc`` package (~96 MB, through apt) and Pillow's source archive (~47 MB).
 """
 
 from __future__ import annotations
@@ -14,24 +18,26 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-#: photos are taken in the formats producers send most; TIFFs in skimage include 64-bit samples
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
+#: photos are taken in the formats producers send most
+PHOTO_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
 
 
 @dataclass(frozen=True)
 class Package:
-    """One pinned download: how to get it, the sha256 of the file, what to take out of it."""
+    """One pinned download: how to get it, the sha256 of the file, its size for progress lines."""
 
     kind: str  # "wheel" | "sdist" | "deb"
     spec: str  # name==version (pip) or name=version (apt)
     filename: str
     sha256: str
+    mib: int
 
 
 RAPIDOCR = Package(
@@ -39,28 +45,35 @@ RAPIDOCR = Package(
     "rapidocr-onnxruntime==1.4.4",
     "rapidocr_onnxruntime-1.4.4-py3-none-any.whl",
     "971d7d5f223a7a808662229df1ef69893809d8457d834e6373d3854bc1782cbf",
+    15,
 )
 SCIKIT_IMAGE = Package(
     "wheel",
     "scikit-image==0.26.0",
     "scikit_image-0.26.0-cp311-cp311-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl",
     "74aa5518ccea28121f57a95374581d3b979839adc25bb03f289b1bc9b99c58af",
+    14,
 )
 OPENCV_DOC = Package(
     "deb",
     "opencv-doc=4.6.0+dfsg-12",
     "opencv-doc_4.6.0+dfsg-12_all.deb",
     "4b12681df35878207ac7097dc66184b2ae552e4bf4ddd2af04a0f03ed0b8682a",
+    92,
 )
 PILLOW_SDIST = Package(
     "sdist",
     "pillow==13.0.0",
     "pillow-13.0.0.tar.gz",
     "cdcd1ba258178f7356d74170c9a81ba4eab6a5d55748bc402a5a2a6fe6be3510",
+    45,
 )
 
 MODEL_MEMBER = "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx"
+#: the real photo the fake backend's probability map is recorded from (scanned text: many boxes)
+RECORDING_PHOTO = "skimage-page.png"
 OPENCV_PHOTO_DIRS = ("data", "text", "hfs/data", "fuzzy", "ximgproc", "reg")
+#: Pillow's test images the tests use: formats, layouts, and files built to break decoders
 EDGE_CASES = (
     "hopper.jpg",
     "hopper.png",
@@ -77,19 +90,64 @@ EDGE_CASES = (
     "1_trns.png",
     "tRNS_null_1x1.png",
     *(f"hopper_orientation_{n}.jpg" for n in range(2, 9)),
+    "hopper.webp",
+    "transparent.webp",
+    "iss634.webp",
+    "hopper.gif",
+    "iss634.gif",
+    "hopper.bmp",
+    "hopper.tif",
+    "hopper.ppm",
+    "hopper_16bit.pgm",
+    "12bit.cropped.tif",
+    "16bit.cropped.tif",
+    "tiff_strip_cmyk_jpeg.tif",
+    "iss634.apng",
+    *(
+        f"bmp/b/{name}.bmp"
+        for name in (
+            "badbitcount",
+            "badbitssize",
+            "baddens1",
+            "badfilesize",
+            "badheadersize",
+            "badpalettesize",
+            "badplanes",
+            "badrle",
+            "badwidth",
+            "pal8badindex",
+            "reallybig",
+            "rletopdown",
+            "shortfile",
+        )
+    ),
+    "broken.png",
+    "broken_data_stream.png",
+    "truncated_end_chunk.png",
+    "png_decompression_dos.png",
+    "decompression_bomb.gif",
+    "decompression_bomb_extents.gif",
+    "decompression_bomb.ico",
+    "negative_size.ppm",
+    "oom-225817ca0f8c663be7ab4b9e717b02c661e66834.tif",
+    "truncated_app14.jpg",
+    "photoshop-200dpi-broken.jpg",
+    "sugarshack_bad_mpo_header.jpg",
+    "crash-465703f71a0f0094873a3e0e82c9f798161171b8.sgi",
+    "crash-4fb027452e6988530aa5dabee76eecacb3b79f8a.j2k",
+    "eps/pil_sample_cmyk.eps",
+    "cross_scan_line_truncated.tga",
+    "invalid_header_length.jp2",
 )
 
 
 def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _run(cmd: list[str], cwd: Path) -> None:
-    logger.info("running %s", " ".join(cmd))
+    logger.debug("running %s", " ".join(cmd))
     subprocess.run(cmd, cwd=cwd, check=True, stdout=subprocess.DEVNULL)
 
 
@@ -98,23 +156,13 @@ def _download(package: Package, into: Path) -> Path:
     if target.is_file() and sha256_of(target) == package.sha256:
         return target
     into.mkdir(parents=True, exist_ok=True)
+    logger.info("downloading %s (%d MiB)...", package.spec, package.mib)
+    started = time.monotonic()
     pip = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(into)]
     if package.kind == "wheel":
-        # the same file whatever Python runs this: pin the tags of the wheel recorded above
-        _run(
-            [
-                *pip,
-                "--only-binary=:all:",
-                "--python-version",
-                "3.11",
-                "--implementation",
-                "cp",
-                "--platform",
-                "manylinux_2_28_x86_64",
-                package.spec,
-            ],
-            into,
-        )
+        # the same file whatever Python and machine run this: pin the tags of the wheel recorded above
+        tags = ["--python-version", "3.11", "--implementation", "cp", "--platform", "manylinux_2_28_x86_64"]
+        _run([*pip, "--only-binary=:all:", *tags, package.spec], into)
     elif package.kind == "sdist":
         _run([*pip, "--no-binary=:all:", package.spec], into)
     else:
@@ -129,6 +177,7 @@ def _download(package: Package, into: Path) -> Path:
     if actual != package.sha256:
         target.unlink()
         raise RuntimeError(f"{package.filename}: sha256 {actual} is not the pinned {package.sha256}")
+    logger.info("downloaded %s in %.0f s", package.filename, time.monotonic() - started)
     return target
 
 
@@ -136,14 +185,24 @@ def _copy_images(source: Path, into: Path, prefix: str) -> int:
     into.mkdir(parents=True, exist_ok=True)
     count = 0
     for path in sorted(source.iterdir()):
-        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+        if path.is_file() and path.suffix.lower() in PHOTO_SUFFIXES:
             shutil.copyfile(path, into / f"{prefix}{path.name}")
             count += 1
     return count
 
 
-def fetch_assets(assets_dir: Path, edge_cases: bool = True) -> dict[str, int]:
-    """Download (cached), verify and unpack everything; returns how many files each part holds."""
+def _record_fake_map(model_file: Path, photo: Path) -> None:
+    from worker.backends.fake import record_probability_map, recorded_map_path
+    from worker.buckets import load_model_spec
+    from worker.settings import DEFAULT_SPEC
+
+    if not recorded_map_path(model_file).is_file():
+        logger.info("recording the fake backend's probability map from %s", photo.name)
+        record_probability_map(load_model_spec(DEFAULT_SPEC), model_file, photo.read_bytes())
+
+
+def fetch_assets(assets_dir: Path, test_material: bool = False) -> dict[str, int]:
+    """Download (cached), verify and unpack; returns how many files each part holds."""
     downloads = assets_dir / "downloads"
     models, photos, edge = assets_dir / "models", assets_dir / "photos", assets_dir / "edge"
 
@@ -153,31 +212,36 @@ def fetch_assets(assets_dir: Path, edge_cases: bool = True) -> dict[str, int]:
         with zipfile.ZipFile(_download(RAPIDOCR, downloads)) as wheel:
             model_file.write_bytes(wheel.read(MODEL_MEMBER))
 
-    if not (photos / ".complete").is_file():
+    if not (photos / ".demo-complete").is_file():
+        photos.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(_download(SCIKIT_IMAGE, downloads)) as wheel:
+            for entry in wheel.namelist():
+                if entry.startswith("skimage/data/") and Path(entry).suffix.lower() in PHOTO_SUFFIXES:
+                    (photos / f"skimage-{Path(entry).name}").write_bytes(wheel.read(entry))
+        (photos / ".demo-complete").touch()
+    _record_fake_map(model_file, photos / RECORDING_PHOTO)
+
+    if test_material and not (photos / ".complete").is_file():
         with tempfile.TemporaryDirectory() as tmp:
             deb = _download(OPENCV_DOC, downloads)
             _run(["dpkg-deb", "-x", str(deb), tmp], Path(tmp))
             examples = Path(tmp) / "usr/share/doc/opencv-doc/examples"
             for sub in OPENCV_PHOTO_DIRS:
                 _copy_images(examples / sub, photos, f"opencv-{sub.replace('/', '-')}-")
-            with zipfile.ZipFile(_download(SCIKIT_IMAGE, downloads)) as wheel:
-                for entry in wheel.namelist():
-                    if entry.startswith("skimage/data/") and Path(entry).suffix.lower() in IMAGE_SUFFIXES:
-                        (photos / f"skimage-{Path(entry).name}").write_bytes(wheel.read(entry))
         (photos / ".complete").touch()
 
-    if edge_cases and not (edge / ".complete").is_file():
+    if test_material and not (edge / ".complete").is_file():
         edge.mkdir(parents=True, exist_ok=True)
         with tarfile.open(_download(PILLOW_SDIST, downloads)) as sdist:
             for image_name in EDGE_CASES:
                 member = sdist.extractfile(f"pillow-13.0.0/Tests/images/{image_name}")
                 if member is None:  # a directory or link where an image should be
                     raise RuntimeError(f"{image_name} is missing from {PILLOW_SDIST.filename}")
-                (edge / image_name).write_bytes(member.read())
+                (edge / image_name.replace("/", "-")).write_bytes(member.read())
         (edge / ".complete").touch()
 
     return {
         "models": len(list(models.glob("*.onnx"))),
-        "photos": len([p for p in photos.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]),
+        "photos": len([p for p in photos.iterdir() if p.suffix.lower() in PHOTO_SUFFIXES]),
         "edge": len(list(edge.glob("*.*"))) if edge.is_dir() else 0,
     }

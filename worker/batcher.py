@@ -1,32 +1,40 @@
-"""Per-bucket dynamic batching: flush at max batch, at opt batch when a runner is free, or at max wait;
-a batch holds items of one padded shape only (see ``ResizeSpec``)."""
+"""Per-bucket dynamic batching, one queue per padded shape (a batch holds one shape; see ``ResizeSpec``).
+
+A free runner takes a batch from a shape as soon as ``opt_batch`` items of that shape wait (the size
+the profile is tuned for) or that shape's oldest item has waited ``max_wait_ms``; while runners are
+busy, items pile up to ``max_batch``, the most one batch may take. Among shapes ready at once, the
+one whose oldest item came first goes first.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
 from worker.buckets import BucketSpec
 
 T = TypeVar("T")
+Shape = tuple[int, int]
 
 
 class Batcher(Generic[T]):
-    """A bucket's queue. Runners call ``next_batch`` only when idle, which is what makes opt preferred.
+    """A bucket's queues. Runners call ``next_batch`` only when idle, which is what makes opt preferred."""
 
-    A free runner takes a batch as soon as ``opt_batch`` items wait (the size the profile is tuned
-    for) or the oldest item has waited ``max_wait_ms``; while runners are busy, items pile up to
-    ``max_batch``, the most one batch may take.
-    """
-
-    def __init__(self, bucket: BucketSpec, shape_of: Callable[[T], tuple[int, int]]) -> None:
+    def __init__(
+        self,
+        bucket: BucketSpec,
+        shape_of: Callable[[T], Shape],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.bucket = bucket
         self._shape_of = shape_of
-        self._items: deque[tuple[float, T]] = deque()
+        self._clock = clock
+        #: per shape, (enqueue time, item) in arrival order; shapes ordered by when they last emptied
+        self._queues: OrderedDict[Shape, deque[tuple[float, T]]] = OrderedDict()
         self._changed = asyncio.Event()
         self._closed = False
 
@@ -34,10 +42,13 @@ class Batcher(Generic[T]):
     def closed(self) -> bool:
         return self._closed
 
+    def __len__(self) -> int:
+        return sum(len(q) for q in self._queues.values())
+
     def put(self, item: T) -> None:
         if self._closed:
             raise RuntimeError(f"batcher {self.bucket.id} is closed")
-        self._items.append((time.monotonic(), item))
+        self._queues.setdefault(self._shape_of(item), deque()).append((self._clock(), item))
         self._changed.set()
 
     def close(self) -> None:
@@ -45,32 +56,36 @@ class Batcher(Generic[T]):
         self._closed = True
         self._changed.set()
 
-    def _take(self) -> list[tuple[float, T]]:
-        """The oldest item and, in arrival order, later items of the same shape, up to max batch."""
-        shape = self._shape_of(self._items[0][1])
-        chosen: list[tuple[float, T]] = []
-        rest: deque[tuple[float, T]] = deque()
-        for entry in self._items:
-            if len(chosen) < self.bucket.max_batch and self._shape_of(entry[1]) == shape:
-                chosen.append(entry)
+    def take_ready(self) -> tuple[list[tuple[float, T]], float | None]:
+        """A batch if one is due now, else the seconds until the next one is (None: nothing queued)."""
+        now = self._clock()
+        max_wait_s = self.bucket.max_wait_ms / 1000.0
+        due: tuple[float, Shape] | None = None
+        next_deadline: float | None = None
+        for shape, queue in self._queues.items():
+            oldest = queue[0][0]
+            if self._closed or len(queue) >= self.bucket.opt_batch or now - oldest >= max_wait_s:
+                if due is None or oldest < due[0]:
+                    due = (oldest, shape)
             else:
-                rest.append(entry)
-        self._items = rest
-        return chosen
+                deadline = oldest + max_wait_s - now
+                next_deadline = deadline if next_deadline is None else min(next_deadline, deadline)
+        if due is None:
+            return [], next_deadline
+        queue = self._queues[due[1]]
+        batch = [queue.popleft() for _ in range(min(len(queue), self.bucket.max_batch))]
+        if not queue:
+            del self._queues[due[1]]
+        return batch, None
 
     async def next_batch(self) -> list[tuple[float, T]]:
         """The next batch as (enqueue time, item) pairs; empty once closed and drained."""
-        max_wait_s = self.bucket.max_wait_ms / 1000.0
         while True:
-            if len(self._items) >= self.bucket.opt_batch or (self._closed and self._items):
-                return self._take()
+            batch, wait_s = self.take_ready()
+            if batch:
+                return batch
             if self._closed:
                 return []
-            timeout = None
-            if self._items:
-                timeout = self._items[0][0] + max_wait_s - time.monotonic()
-                if timeout <= 0:
-                    return self._take()
             self._changed.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), timeout)
+                await asyncio.wait_for(self._changed.wait(), wait_s)

@@ -80,11 +80,23 @@ class ResizeSpec(_Frozen):
 
 
 class PreprocessSpec(_Frozen):
+    """``(pixel * scale - mean) / std`` per channel, in the model's channel order (``color``).
+
+    The worker feeds the engine uint8 BGR pixels, NHWC; this normalisation, the channel order and
+    the transpose to NCHW run inside the engine (see ``worker.graph``).
+    """
+
     color: Literal["bgr", "rgb"] = "bgr"
     scale: float = 1.0 / 255.0
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     resize: ResizeSpec = ResizeSpec()
+
+    def pad_value(self) -> tuple[int, int, int]:
+        """Per BGR input channel, the uint8 value closest to a normalised zero (the mean)."""
+        per_model_channel = [min(max(round(m / self.scale), 0), 255) for m in self.mean]
+        bgr = per_model_channel if self.color == "bgr" else per_model_channel[::-1]
+        return bgr[0], bgr[1], bgr[2]
 
 
 class PostprocessSpec(_Frozen):
@@ -103,9 +115,12 @@ class ModelSpec(_Frozen):
     name: str
     onnx: str
     sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    #: the model's own float32 NCHW input and its probability-map output
     input: str
     output: str
-    channels: int = 3
+    channels: Literal[3] = 3
+    #: uint8 (the map times 255, rounded, inside the engine) copies a quarter of the bytes back
+    engine_output: Literal["uint8", "float32"] = "uint8"
     preprocess: PreprocessSpec = PreprocessSpec()
     postprocess: PostprocessSpec = PostprocessSpec()
     buckets: Annotated[tuple[BucketSpec, ...], Field(min_length=1)]
@@ -128,10 +143,10 @@ class ModelSpec(_Frozen):
                 return bucket
         raise KeyError(bucket_id)
 
-    def input_shapes(self, bucket: BucketSpec) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-        """The (min, opt, max) NCHW shapes of the model input for one bucket's profile."""
+    def engine_input_shapes(self, bucket: BucketSpec) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        """The (min, opt, max) NHWC uint8 shapes of the engine input for one bucket's profile."""
         c = self.channels
-        return tuple((s[0], c, s[1], s[2]) for s in (bucket.min, bucket.opt, bucket.max))  # type: ignore[return-value]
+        return tuple((s[0], s[1], s[2], c) for s in (bucket.min, bucket.opt, bucket.max))  # type: ignore[return-value]
 
 
 def load_model_spec(path: Path) -> ModelSpec:

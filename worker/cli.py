@@ -1,4 +1,9 @@
-"""``python -m worker``: run, enqueue, fetch-assets, build-engine."""
+"""imgworker: a Redis-fed image inference worker (``python -m worker`` or ``imgworker``).
+
+Every setting is also an environment variable IMGWORKER_<SECTION>__<FIELD> (or a line in .env),
+for example IMGWORKER_REDIS__URL, IMGWORKER_BACKEND__KIND=tensorrt, IMGWORKER_METRICS__PORT;
+command-line flags win over both. An invalid setting exits with status 2 and names the field.
+"""
 
 from __future__ import annotations
 
@@ -7,63 +12,132 @@ import asyncio
 import glob
 import json
 import logging
+import os
 import signal
 import statistics
 import sys
+import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from worker import __version__
-from worker.errors import ConfigError, WorkerError
+from worker.errors import ConfigError, InvalidJobError, WorkerError
 from worker.logs import configure_logging
 from worker.settings import Settings
 
 logger = logging.getLogger("worker")
 EXIT_CONFIG = 2
+T = TypeVar("T")
+#: what `enqueue DIR` picks up: every format the worker decodes
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif", ".ppm", ".pgm", ".pbm", ".tga"}
+)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {}
     if getattr(args, "redis_url", None):
         overrides["redis"] = {"url": args.redis_url}
+    metrics: dict[str, Any] = {}
     if getattr(args, "metrics_port", None) is not None:
-        overrides["metrics"] = {"port": args.metrics_port}
+        metrics["port"] = args.metrics_port
+    if getattr(args, "metrics_host", None):
+        metrics["host"] = args.metrics_host
+    if metrics:
+        overrides["metrics"] = metrics
+    if getattr(args, "log_level", None):
+        overrides["log_level"] = args.log_level
     return Settings.load(**overrides)
 
 
 # ---- run ---------------------------------------------------------------------------------------
 
 
+def _in_daemon_thread(fn: Callable[[], T]) -> Future[T]:
+    """Run a long blocking call (an engine build) where a stop need not wait for it to finish."""
+    future: Future[T] = Future()
+
+    def target() -> None:
+        try:
+            future.set_result(fn())
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    threading.Thread(target=target, name="backend-open", daemon=True).start()
+    return future
+
+
 async def _serve(settings: Settings, burst: bool) -> int:
     from worker.backends import open_backend
     from worker.broker import Broker
     from worker.buckets import load_model_spec
+    from worker.connection import redact
     from worker.http import serve_http
     from worker.metrics import Metrics
     from worker.service import Service
 
+    logger.info("imgworker %s, consumer %s, redis %s", __version__, settings.redis.consumer, redact(settings.redis.url))
     spec = load_model_spec(settings.model_spec)
     metrics = Metrics()
     service: Service | None = None
+    stopped = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        stopped.set()
+        if service is not None:
+            service.stop()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
     server = None
     if settings.metrics.enabled:
-        server = serve_http(
-            settings.metrics.host, settings.metrics.port, metrics.registry, lambda: bool(service and service.ready())
-        )
+        try:
+            server = serve_http(
+                settings.metrics.host,
+                settings.metrics.port,
+                metrics.registry,
+                lambda: bool(service and service.ready()),
+            )
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot serve metrics on {settings.metrics.host}:{settings.metrics.port}: {exc.strerror or exc}"
+            ) from None
         logger.info("metrics and health on http://%s:%d/metrics", *server.server_address[:2])
-    backend = await asyncio.to_thread(open_backend, spec, settings.onnx_path(spec.onnx), settings.backend)
-    logger.info("backend %s open with buckets %s", backend.describe(), [b.id for b in spec.buckets])
-    broker = Broker(settings.redis)
-    service = Service(settings, spec, backend, broker, metrics)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, service.stop)
     try:
-        return await service.run(burst=burst)
+        opening = asyncio.wrap_future(
+            _in_daemon_thread(lambda: open_backend(spec, settings.onnx_path(spec.onnx), settings.backend))
+        )
+        waiter: asyncio.Future[Any] = asyncio.ensure_future(stopped.wait())
+        await asyncio.wait([opening, waiter], return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        if not opening.done():
+            logger.info("stopped while the backend was starting; exiting without waiting for it")
+            return 0
+        backend = opening.result()
+        describe = backend.describe()
+        logger.info("backend %s open with buckets %s", describe, [b.id for b in spec.buckets])
+        metrics.build_info.info({"version": __version__, "model": spec.name, **describe})
+        if settings.metrics.gpu and backend.kind == "tensorrt":
+            from worker.gpu_metrics import register_gpu_metrics
+
+            register_gpu_metrics(metrics.registry, settings.backend.tensorrt.device)
+        broker = Broker(settings.redis)
+        service = Service(settings, spec, backend, broker, metrics)
+        if stopped.is_set():
+            service.stop()
+        try:
+            return await service.run(burst=burst)
+        finally:
+            await broker.aclose()
+            if service.lanes_idle():
+                await asyncio.to_thread(backend.close)
+            else:  # closing under a running batch could free buffers the GPU still uses
+                logger.warning("a batch is still running at exit; leaving the backend to the process exit")
     finally:
-        await broker.aclose()
-        await asyncio.to_thread(backend.close)
         if server is not None:
             server.shutdown()
 
@@ -71,7 +145,6 @@ async def _serve(settings: Settings, burst: bool) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     settings = _settings(args)
     configure_logging(settings.log_level, settings.log_format)
-    logger.info("imgworker %s, consumer %s, redis %s", __version__, settings.redis.consumer, settings.redis.url)
     return asyncio.run(_serve(settings, args.burst))
 
 
@@ -79,21 +152,28 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def expand_inputs(patterns: list[str]) -> list[Path]:
-    """Files as given, directories walked for images, globs expanded; order kept, duplicates dropped."""
-    from worker.assets import IMAGE_SUFFIXES
+    """Files as given, directories walked for images, globs expanded; in order, each file once.
 
+    A file reached twice (named again, inside a named directory, or spelled another way) is one
+    input: one job and one output line.
+    """
     paths: list[Path] = []
     for pattern in patterns:
         # a glob that matches nothing stays as given, so it gets its own "unreadable" line
         matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else []
-        matches = matches or [pattern]
-        for match in matches:
+        for match in matches or [pattern]:
             path = Path(match)
             if path.is_dir():
                 paths += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
             else:
                 paths.append(path)
-    return list(dict.fromkeys(paths))
+    seen: set[str] = set()
+    unique = []
+    for path in paths:
+        if (real := os.path.realpath(path)) not in seen:
+            seen.add(real)
+            unique.append(path)
+    return unique
 
 
 class Progress:
@@ -116,85 +196,69 @@ def _percentile(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
 
+def _line(path: Path, job_id: str | None, status: str, code: str | None, message: str | None) -> dict[str, Any]:
+    return {"path": str(path), "job_id": job_id, "status": status, "code": code, "message": message, "result": None}
+
+
 async def _enqueue(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.client import AsyncClient
+    from worker.client import AsyncClient, read_image_file
     from worker.protocol import JobResult
 
     paths = expand_inputs(args.paths)
-    lines: dict[Path, dict[str, Any]] = {}
-    images: list[tuple[Path, bytes]] = []
-    for path in paths:
+    lines: list[dict[str, Any]] = [_line(p, None, "error", "unreadable", None) for p in paths]
+    readable: list[tuple[int, bytes]] = []
+    for index, path in enumerate(paths):
         try:
-            images.append((path, path.read_bytes()))
-        except OSError as exc:
-            lines[path] = {
-                "path": str(path),
-                "job_id": None,
-                "status": "error",
-                "code": "unreadable",
-                "message": str(exc),
-                "result": None,
-            }
+            readable.append((index, read_image_file(path, settings.pipeline.max_image_bytes)))
+        except (OSError, InvalidJobError) as exc:
+            lines[index]["message"] = str(exc) if isinstance(exc, InvalidJobError) else f"{path}: {exc.strerror}"
     started = time.monotonic()
-    async with AsyncClient(settings.redis.url, settings.redis.prefix, settings.redis.result_ttl_s) as client:
-        progress = Progress("enqueue", len(images))
-        ids: dict[Path, str] = {}
-        for chunk_start in range(0, len(images), 64):
-            chunk = images[chunk_start : chunk_start + 64]
+    results: dict[str, JobResult] = {}
+    async with AsyncClient(result_ttl_s=settings.redis.result_ttl_s, redis_settings=settings.redis) as client:
+        if args.wait and not await client.live_workers():
+            print(
+                f"warning: no worker holds a lease under prefix {settings.redis.prefix!r}: "
+                "nothing will consume these jobs until one starts",
+                file=sys.stderr,
+            )
+        progress = Progress("enqueue", len(readable))
+        submitted = 0
+        for start in range(0, len(readable), 64):
+            chunk = readable[start : start + 64]
             new_ids = await client.submit_many(
                 [data for _, data in chunk],
                 priority=args.priority,
                 tensors=args.tensors,
-                sources=[str(p) for p, _ in chunk],
+                sources=[str(paths[i]) for i, _ in chunk],
             )
-            ids.update(zip([p for p, _ in chunk], new_ids, strict=True))
-            progress.update(len(ids))
-        results: dict[str, JobResult] = {}
+            for (index, _), job_id in zip(chunk, new_ids, strict=True):
+                lines[index] = _line(paths[index], job_id, "queued", None, None)
+            submitted += len(chunk)
+            progress.update(submitted)
         if args.wait:
-            progress = Progress("results", len(ids))
-            results = await client.gather(
-                list(ids.values()), args.timeout, on_result=lambda *_: progress.update(len(results) + 1)
-            )
+            progress = Progress("results", len(readable))
+            ids = [line["job_id"] for line in lines if line["job_id"]]
+            results = await client.gather(ids, args.timeout, on_result=lambda *_: progress.update(len(results) + 1))
     elapsed = time.monotonic() - started
-    for path, job_id in ids.items():
-        found = results.get(job_id)
+    for line in lines:
+        if line["job_id"] is None:
+            continue
+        found = results.get(line["job_id"])
         if found is not None:
-            lines[path] = {
-                "path": str(path),
-                "job_id": job_id,
-                "status": found.status,
-                "code": found.code or None,
-                "message": found.message or None,
-                "result": found.result or None,
-            }
+            line.update(
+                status=found.status, code=found.code or None, message=found.message or None, result=found.result or None
+            )
         elif args.wait:
-            lines[path] = {
-                "path": str(path),
-                "job_id": job_id,
-                "status": "error",
-                "code": "timeout",
-                "message": f"no result within {args.timeout} s",
-                "result": None,
-            }
-        else:
-            lines[path] = {
-                "path": str(path),
-                "job_id": job_id,
-                "status": "queued",
-                "code": None,
-                "message": None,
-                "result": None,
-            }
-    for path in paths:
-        line = lines[path]
+            line.update(status="error", code="timeout", message=f"no result within {args.timeout} s")
+    for line in lines:
         if args.json:
             print(json.dumps(line), flush=True)
         else:
             detail = f"{len(line['result']['boxes'])} boxes" if line["status"] == "ok" else (line["code"] or "")
-            print(f"{line['status']:6} {line['job_id'] or '-':32} {path} {detail}")
+            print(f"{line['status']:6} {line['job_id'] or '-':32} {line['path']} {detail}")
     if args.wait:
-        _summary(list(lines.values()), elapsed)
-    return 1 if any(line["code"] in ("unreadable", "timeout") for line in lines.values()) else 0
+        _summary(lines, elapsed)
+    return 1 if any(line["code"] in ("unreadable", "timeout") for line in lines) else 0
 
 
 def _summary(lines: list[dict[str, Any]], elapsed_s: float) -> None:
@@ -205,7 +269,7 @@ def _summary(lines: list[dict[str, Any]], elapsed_s: float) -> None:
             errors[line["code"]] = errors.get(line["code"], 0) + 1
     total_ms = [line["result"]["timings_ms"].get("total", 0.0) for line in ok]
     parts = [f"{len(lines)} jobs: {len(ok)} ok, {len(lines) - len(ok)} error {errors or ''}".rstrip()]
-    parts.append(f"{len(lines) / elapsed_s:.1f} images/s over {elapsed_s:.2f} s")
+    parts.append(f"{len(lines) / max(elapsed_s, 1e-9):.1f} images/s over {elapsed_s:.2f} s")
     if total_ms:
         parts.append(f"latency p50 {_percentile(total_ms, 50):.0f} ms, p99 {_percentile(total_ms, 99):.0f} ms")
     print("summary: " + "; ".join(parts), file=sys.stderr)
@@ -225,7 +289,7 @@ def cmd_fetch_assets(args: argparse.Namespace) -> int:
 
     settings = Settings.load(**({"assets_dir": args.assets_dir} if args.assets_dir else {}))
     configure_logging(settings.log_level, settings.log_format)
-    counts = fetch_assets(settings.assets_dir, edge_cases=not args.no_edge_cases)
+    counts = fetch_assets(settings.assets_dir, test_material=args.test_material)
     print(f"assets in {settings.assets_dir}: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
     return 0
 
@@ -246,19 +310,33 @@ def cmd_build_engine(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m worker", description=__doc__)
-    parser.add_argument("--version", action="version", version=__version__)
-    sub = parser.add_subparsers(dest="command", required=True)
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown, descriptions kept as written."""
 
-    run = sub.add_parser("run", help="serve jobs from Redis")
-    run.add_argument("--redis-url")
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imgworker", description=__doc__, formatter_class=_Formatter)
+    parser.add_argument("--version", action="version", version=__version__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, summary: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=summary, description=f"{summary}\n\n{__doc__}", formatter_class=_Formatter)
+
+    def redis_url(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--redis-url", metavar="URL", help="redis://, rediss:// or unix:// URL (IMGWORKER_REDIS__URL)")
+
+    run = command("run", "serve jobs from Redis until SIGTERM/SIGINT")
+    redis_url(run)
     run.add_argument("--burst", action="store_true", help="exit once the queue is empty and everything is settled")
-    run.add_argument("--metrics-port", type=int)
+    run.add_argument("--metrics-port", type=int, metavar="PORT", help="port of /metrics, /healthz, /readyz (0: any)")
+    run.add_argument(
+        "--metrics-host", metavar="ADDRESS", help="address the metrics port binds (IMGWORKER_METRICS__HOST)"
+    )
+    run.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"), type=str.upper)
     run.set_defaults(handler=cmd_run)
 
-    enqueue = sub.add_parser("enqueue", help="submit images (files, directories, globs)")
-    enqueue.add_argument("--redis-url")
+    enqueue = command("enqueue", "submit images (files, directories, globs); one line per input")
+    redis_url(enqueue)
     enqueue.add_argument("--wait", action="store_true", help="wait for every result")
     enqueue.add_argument("--json", action="store_true", help="one JSON line per input on stdout")
     enqueue.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for all results")
@@ -267,13 +345,17 @@ def build_parser() -> argparse.ArgumentParser:
     enqueue.add_argument("paths", nargs="+", metavar="PATH")
     enqueue.set_defaults(handler=cmd_enqueue)
 
-    fetch = sub.add_parser("fetch-assets", help="download the model and sample photos (pinned, sha256-checked)")
-    fetch.add_argument("--assets-dir", type=Path)
-    fetch.add_argument("--no-edge-cases", action="store_true", help="skip pillow's decoder edge-case images")
+    fetch = command("fetch-assets", "download the model and sample photos (pinned, sha256-checked, cached)")
+    fetch.add_argument("--assets-dir", type=Path, help="where to put them (IMGWORKER_ASSETS_DIR)")
+    fetch.add_argument(
+        "--test-material",
+        action="store_true",
+        help="also what the tests need: Debian 12's opencv-doc photos (apt, 92 MiB) and Pillow's edge cases (45 MiB)",
+    )
     fetch.set_defaults(handler=cmd_fetch_assets)
 
-    build = sub.add_parser("build-engine", help="build (or reuse) the TensorRT plan, one profile per bucket")
-    build.add_argument("--spec", type=Path, help="model spec YAML (default: settings.model_spec)")
+    build = command("build-engine", "build (or reuse) the TensorRT plan, one profile per bucket")
+    build.add_argument("--spec", type=Path, help="model spec YAML (IMGWORKER_MODEL_SPEC)")
     build.add_argument("--force", action="store_true", help="rebuild even when a cached plan matches")
     build.set_defaults(handler=cmd_build_engine)
     return parser
@@ -282,10 +364,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.handler(args))
+        code = int(args.handler(args))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        code = EXIT_CONFIG
     except WorkerError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        code = 1
+    if any(t.name == "backend-open" for t in threading.enumerate()):
+        # A stop came while an engine was building: that thread cannot be interrupted, and
+        # interpreter shutdown under it could crash. Nothing else is left to clean up.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code

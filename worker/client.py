@@ -1,37 +1,62 @@
 """Producer API: submit images as jobs and wait for their results (asyncio, with a sync wrapper).
 
-Waiting blocks on a per-job notification list (BLPOP) instead of polling the result key.
+Waiting blocks on a per-job notification list (BLPOP) instead of polling the result key. Both
+submitting and waiting ride out a Redis restart: connection errors are retried with backoff until
+the call's own timeout, and results already collected are never dropped. Submitting again after an
+error is safe: the enqueue script adds a job id once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import stat
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import cv2
 import numpy as np
 import numpy.typing as npt
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
+from worker.connection import connect, mapped
 from worker.errors import BrokerError, InvalidJobError
 from worker.protocol import DEFAULT_PRIORITY, ENQUEUE_SCRIPT, PRIORITIES, JobRequest, JobResult, Keys, new_job_id
+from worker.settings import RedisSettings
 
 ImageInput = bytes | bytearray | memoryview | str | Path | npt.NDArray[Any]
 #: BLPOP accepts many keys at once; beyond this many we wait in slices to keep commands small
 WAIT_KEYS_PER_CALL = 512
+#: how long ``submit`` keeps retrying while Redis is away
+SUBMIT_TIMEOUT_S = 30.0
+DEFAULT_MAX_IMAGE_BYTES = 64 * 1024 * 1024
+_BACKOFF_FIRST_S, _BACKOFF_CAP_S = 0.05, 1.0
+T = TypeVar("T")
 
 
-def image_bytes(image: ImageInput) -> bytes:
+def read_image_file(path: str | Path, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> bytes:
+    """A regular file's bytes, its size checked before reading (never a device, FIFO or /dev/zero)."""
+    with open(path, "rb") as handle:  # follows symlinks; what they point to is checked below
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise InvalidJobError(f"{path} is not a regular file")
+        if info.st_size > max_bytes:
+            raise InvalidJobError(f"{path} is {info.st_size} bytes, the limit is {max_bytes}")
+        data = handle.read(max_bytes + 1)
+    if len(data) > max_bytes:  # grew while we read it
+        raise InvalidJobError(f"{path} is larger than {max_bytes} bytes")
+    return data
+
+
+def image_bytes(image: ImageInput, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> bytes:
     """Bytes of an encoded image, a file path, or an HxW / HxWxC uint8 array (sent as lossless PNG)."""
     if isinstance(image, bytes | bytearray | memoryview):
         return bytes(image)
     if isinstance(image, str | Path):
-        return Path(image).read_bytes()
+        return read_image_file(image, max_bytes)
     if isinstance(image, np.ndarray):
         ok, encoded = cv2.imencode(".png", image)
         if not ok:
@@ -42,11 +67,19 @@ def image_bytes(image: ImageInput) -> bytes:
 
 class AsyncClient:
     def __init__(
-        self, url: str = "redis://127.0.0.1:6379/0", prefix: str = "imgworker", result_ttl_s: int = 3600
+        self,
+        url: str = "redis://127.0.0.1:6379/0",
+        prefix: str = "imgworker",
+        result_ttl_s: int = 3600,
+        *,
+        redis_settings: RedisSettings | None = None,
     ) -> None:
-        self.keys = Keys(prefix)
+        """``redis_settings`` (credentials, TLS, timeouts) wins over ``url`` and ``prefix``."""
+        settings = redis_settings or RedisSettings(url=url, prefix=prefix)
+        self.keys = Keys(settings.prefix)
+        self.url = settings.url
         self.result_ttl_s = result_ttl_s
-        self.redis: aioredis.Redis = aioredis.Redis.from_url(url)
+        self.redis: aioredis.Redis = connect(settings)
         self._enqueue = self.redis.register_script(ENQUEUE_SCRIPT)
 
     async def __aenter__(self) -> AsyncClient:
@@ -57,6 +90,19 @@ class AsyncClient:
 
     async def aclose(self) -> None:
         await self.redis.aclose()
+
+    async def _retrying(self, what: str, call: Callable[[], Awaitable[T]], deadline: float | None) -> T:
+        """Retry ``call`` on connection errors with backoff until ``deadline`` (monotonic; None: forever)."""
+        delay = _BACKOFF_FIRST_S
+        while True:
+            try:
+                with mapped(what, self.url):
+                    return await call()
+            except BrokerError:
+                if deadline is not None and time.monotonic() + delay > deadline:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _BACKOFF_CAP_S)
 
     def _request(
         self,
@@ -106,6 +152,7 @@ class AsyncClient:
         deadline_s: float | None = None,
         tensors: bool = False,
         sources: Sequence[str] | None = None,
+        timeout_s: float = SUBMIT_TIMEOUT_S,
     ) -> list[str]:
         """Enqueue many images in one pipelined round trip; returns their job ids in order."""
         job_ids = job_ids or [None] * len(images)
@@ -114,7 +161,8 @@ class AsyncClient:
             self._request(img, job_id=jid, priority=priority, deadline_s=deadline_s, tensors=tensors, source=src)
             for img, jid, src in zip(images, job_ids, sources, strict=True)
         ]
-        try:
+
+        async def send() -> None:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for r in requests:
                     args = [self.result_ttl_s, *(x for kv in r.encode().items() for x in kv)]
@@ -122,13 +170,15 @@ class AsyncClient:
                         keys=[self.keys.seen(r.job_id), self.keys.stream(r.priority)], args=args, client=pipe
                     )
                 await pipe.execute()
-        except RedisError as exc:
-            raise BrokerError(f"enqueue failed: {exc}") from exc
+
+        await self._retrying("enqueue", send, time.monotonic() + timeout_s)
         return [r.job_id for r in requests]
 
     async def result(self, job_id: str) -> JobResult | None:
         """The stored result, or None while the job is not finished (or its result expired)."""
-        fields: dict[Any, Any] = await self.redis.hgetall(self.keys.result(job_id))
+        fields: dict[Any, Any] = await self._retrying(
+            "result", lambda: self.redis.hgetall(self.keys.result(job_id)), time.monotonic() + SUBMIT_TIMEOUT_S
+        )
         return JobResult.decode(fields) if fields else None
 
     async def wait(self, job_id: str, timeout_s: float | None = None) -> JobResult:
@@ -149,21 +199,41 @@ class AsyncClient:
         timeout_s: float | None = None,
         on_result: Callable[[str, JobResult], None] | None = None,
     ) -> dict[str, JobResult]:
-        """The results that arrive before the timeout (all of them, with no timeout)."""
+        """The results that arrive before the timeout (all of them, with no timeout).
+
+        While Redis is away this keeps retrying until the timeout; what was collected stays.
+        """
         pending = list(dict.fromkeys(job_ids))
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         results: dict[str, JobResult] = {}
-        await self._collect(pending, results, on_result)
+        delay = _BACKOFF_FIRST_S
+        check_all = True
         while pending := [j for j in pending if j not in results]:
             left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                break
-            # Block at most a second at a time: a notification taken by another waiter, or a job
-            # beyond the first WAIT_KEYS_PER_CALL, is then found by the full check.
-            popped = await self.redis.blpop(
-                [self.keys.done(j) for j in pending[:WAIT_KEYS_PER_CALL]], timeout=min(left or 1.0, 1.0)
-            )
-            await self._collect([self.keys.job_id_of_done(popped[0])] if popped else pending, results, on_result)
+            try:
+                with mapped("wait", self.url):
+                    if check_all:
+                        await self._collect(pending, results, on_result)
+                        check_all = False
+                        continue
+                    if left is not None and left <= 0:
+                        break
+                    # Block at most a second at a time: a notification taken by another waiter, or a
+                    # job beyond the first WAIT_KEYS_PER_CALL, is then found by the full check.
+                    popped = await self.redis.blpop(
+                        [self.keys.done(j) for j in pending[:WAIT_KEYS_PER_CALL]], timeout=min(left or 1.0, 1.0)
+                    )
+                    if popped:
+                        await self._collect([self.keys.job_id_of_done(popped[0])], results, on_result)
+                    else:
+                        check_all = True
+                delay = _BACKOFF_FIRST_S
+            except BrokerError:
+                if left is not None and left <= delay:
+                    break
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _BACKOFF_CAP_S)
+                check_all = True  # notifications may have been lost with the connection
         return results
 
     async def _collect(
@@ -179,19 +249,32 @@ class AsyncClient:
                 if on_result is not None:
                     on_result(job_id, into[job_id])
 
+    async def live_workers(self) -> int:
+        """Workers holding a live lease under this prefix (0: nobody will consume what is submitted)."""
+
+        async def count() -> int:
+            return len([key async for key in self.redis.scan_iter(match=self.keys.lease("*"), count=1000)])
+
+        return await self._retrying("lease scan", count, time.monotonic() + SUBMIT_TIMEOUT_S)
+
 
 class Client:
     """Blocking facade over AsyncClient for scripts and non-async services (not inside an event loop)."""
 
     def __init__(
-        self, url: str = "redis://127.0.0.1:6379/0", prefix: str = "imgworker", result_ttl_s: int = 3600
+        self,
+        url: str = "redis://127.0.0.1:6379/0",
+        prefix: str = "imgworker",
+        result_ttl_s: int = 3600,
+        *,
+        redis_settings: RedisSettings | None = None,
     ) -> None:
         self._runner = asyncio.Runner()
-        self._client = self._runner.run(self._make(url, prefix, result_ttl_s))
+        self._client = self._runner.run(self._make(url, prefix, result_ttl_s, redis_settings))
 
     @staticmethod
-    async def _make(url: str, prefix: str, result_ttl_s: int) -> AsyncClient:
-        return AsyncClient(url, prefix, result_ttl_s)
+    async def _make(url: str, prefix: str, result_ttl_s: int, settings: RedisSettings | None) -> AsyncClient:
+        return AsyncClient(url, prefix, result_ttl_s, redis_settings=settings)
 
     def __enter__(self) -> Client:
         return self
@@ -217,3 +300,11 @@ class Client:
 
     def wait_many(self, job_ids: Iterable[str], timeout_s: float | None = None) -> dict[str, JobResult]:
         return self._runner.run(self._client.wait_many(job_ids, timeout_s))
+
+    def gather(
+        self,
+        job_ids: Iterable[str],
+        timeout_s: float | None = None,
+        on_result: Callable[[str, JobResult], None] | None = None,
+    ) -> dict[str, JobResult]:
+        return self._runner.run(self._client.gather(job_ids, timeout_s, on_result))

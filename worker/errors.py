@@ -1,19 +1,22 @@
 """The exception tree; each job-level error has a stable ``code`` used in results and metrics.
 
 WorkerError
-├── ConfigError              bad settings or model spec; the process exits with status 2
+├── ConfigError              bad settings, model spec or credentials; the process exits with status 2
+├── EngineLoadError          the engine cannot be built, loaded or is not usable (start-up)
+├── UnsupportedFeatureError  the installed TensorRT cannot do what was asked
 ├── JobError                 final for one job: an error result is written and the job is acked
 │   ├── InvalidJobError      invalid_job      malformed stream entry or fields
-│   ├── DecodeError          decode_error     bytes are not a decodable image
-│   ├── ImageTooLargeError   image_too_large  pixel count above the decompression-bomb limit
+│   ├── DecodeError          decode_error     bytes are not a decodable image of an accepted format
+│   ├── ImageTooLargeError   image_too_large  bytes, pixels or decoded size above the limits
 │   ├── NoBucketError        no_bucket        the preprocessed shape fits no bucket
 │   └── JobExpiredError      expired          the job's deadline passed before inference
-├── TransientError           the job stays pending and is redelivered, then dead-lettered
-│   ├── BrokerError          Redis is unreachable or answered with an error
-│   └── BackendError         backend_error    a batch failed in the backend
-│       ├── EngineLoadError  the engine cannot be built, loaded or is not usable
-│       └── ShapeOutOfProfileError  a batch shape lies outside its bucket's profile
-└── UnsupportedFeatureError  the installed TensorRT cannot do what was asked
+└── TransientError           the job stays pending, is retried, then dead-lettered
+    ├── BrokerError          Redis is unreachable or answered with an error
+    ├── BackendError         backend_error    a batch failed in the backend
+    │   └── ShapeOutOfProfileError  a batch shape lies outside its bucket's profile
+    └── StalledError         stalled          the job was held past stall_s: the pipeline wedged
+
+InternalError is deliberately not a WorkerError: a broken invariant (a bug), never a job's fault.
 """
 
 from __future__ import annotations
@@ -27,6 +30,14 @@ class WorkerError(Exception):
 
 class ConfigError(WorkerError):
     code = "config_error"
+
+
+class EngineLoadError(WorkerError):
+    code = "engine_load_error"
+
+
+class UnsupportedFeatureError(WorkerError):
+    code = "unsupported_feature"
 
 
 class JobError(WorkerError):
@@ -65,13 +76,15 @@ class BackendError(TransientError):
     code = "backend_error"
 
 
-class EngineLoadError(BackendError):
-    code = "engine_load_error"
-
-
 class ShapeOutOfProfileError(BackendError):
     code = "shape_out_of_profile"
 
 
-class UnsupportedFeatureError(WorkerError):
-    code = "unsupported_feature"
+class StalledError(TransientError):
+    code = "stalled"
+
+
+class InternalError(Exception):
+    """An invariant broke: a bug in this package. The job gets ``internal_error``; never retried."""
+
+    code = "internal_error"

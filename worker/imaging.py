@@ -1,135 +1,309 @@
-"""Bytes to model input: guarded decode, colour/depth normalisation, aspect-keeping resize, routing.
+"""Bytes to engine input: header probe, bounded decode, 8-bit BGR, aspect-keeping resize, routing.
 
 Synchronous and free of Redis and backends, so it runs in a thread pool and is tested on its own.
+Memory stays bounded for hostile input: every accepted format's dimensions and sample size are
+read from its header before any pixel is decoded, each decode reserves its decoded size from a
+shared ``ByteBudget`` first, and conversions to 8 bits run in row chunks.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import struct
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-# OpenCV's own pixel cap, read once when it first decodes: the backstop for formats whose header
-# this module does not parse. The configured, tighter limit is enforced below.
+# OpenCV's own pixel cap, read once when it first decodes: a backstop behind the header checks.
 os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(1 << 28))
+# A hostile image is one job's decode_error, reported in its result: not an ERROR line in the log.
+os.environ.setdefault("OPENCV_LOG_LEVEL", "FATAL")
 
 import cv2
 import numpy as np
 import numpy.typing as npt
+from PIL import Image, UnidentifiedImageError
 
 from worker.buckets import BucketSpec, ModelSpec, downscale_to_fit, select_bucket
 from worker.errors import DecodeError, ImageTooLargeError, NoBucketError
 
 cv2.setNumThreads(1)  # parallelism comes from the decode pool, not from inside each call
+Image.MAX_IMAGE_PIXELS = None  # our own limits apply, from the header, before Pillow decodes anything
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")  # corrupt metadata: decoded anyway
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JPEG_SOI = b"\xff\xd8"
 _JPEG_SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+_JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})  # TEM, RSTn: no length field
+#: formats read through Pillow's header parsers (never EPS and the like, which run external programs)
+PILLOW_FORMATS = ("WEBP", "TIFF", "BMP", "GIF", "PPM", "TGA", "JPEG", "PNG")
+#: channel count and bytes per sample of Pillow modes; anything else is converted to RGB(A) first
+_PILLOW_MODES: dict[str, tuple[int, int]] = {
+    "1": (1, 1),
+    "L": (1, 1),
+    "P": (4, 1),
+    "LA": (2, 1),
+    "PA": (4, 1),
+    "RGB": (3, 1),
+    "RGBA": (4, 1),
+    "RGBX": (4, 1),
+    "CMYK": (4, 1),
+    "YCbCr": (3, 1),
+    "I;16": (1, 2),
+    "I;16B": (1, 2),
+    "I;16L": (1, 2),
+    "I;16N": (1, 2),
+    "I": (1, 4),
+    "F": (1, 4),
+}
+_CHUNK_PIXELS = 1 << 20  # conversions to 8 bits touch at most this many pixels at a time
 
 ImageU8 = npt.NDArray[np.uint8]
-Tensor = npt.NDArray[np.float32]
 
 
-def header_size(data: bytes) -> tuple[int, int] | None:
-    """(height, width) from a PNG or JPEG header without decoding pixels; None if not found."""
-    if data.startswith(PNG_SIGNATURE) and len(data) >= 24 and data[12:16] == b"IHDR":
-        width, height = struct.unpack(">II", data[16:24])
-        return height, width
+@dataclass(frozen=True)
+class ImageInfo:
+    """What a header says, before any pixel is decoded."""
+
+    format: str
+    height: int
+    width: int
+    channels: int
+    bytes_per_sample: int
+    #: significant bits per sample (12 for a 12-bit TIFF in 16-bit words)
+    bits: int = 8
+
+    @property
+    def pixels(self) -> int:
+        return self.height * self.width
+
+    def decoded_bytes(self, reduce: int = 1) -> int:
+        """Bytes the decoder allocates, plus the 8-bit BGR copy when a conversion is needed."""
+        pixels = -(-self.height // reduce) * -(-self.width // reduce)
+        raw = pixels * self.channels * self.bytes_per_sample
+        return raw + (0 if (self.channels, self.bytes_per_sample) == (3, 1) else pixels * 3)
+
+
+def _jpeg_info(data: bytes) -> ImageInfo:
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:  # stray bytes between segments: skip to the next marker, as libjpeg does
+            pos = data.find(b"\xff", pos)
+            if pos < 0:
+                break
+            continue
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in _JPEG_STANDALONE:
+            pos += 2
+            continue
+        (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
+        if marker in _JPEG_SOF_MARKERS:
+            if pos + 10 > len(data):
+                break
+            bits, height, width, components = struct.unpack(">BHHB", data[pos + 4 : pos + 10])
+            if not (height and width and components in (1, 3, 4)):
+                raise DecodeError(f"JPEG frame header is invalid ({width}x{height}, {components} components)")
+            return ImageInfo("jpeg", height, width, 3, 1, bits)
+        if marker in (0xD9, 0xDA) or length < 2:  # end of image or start of scan before any frame
+            break
+        pos += 2 + length
+    raise DecodeError("JPEG has no frame header (truncated or corrupt)")
+
+
+def _png_info(data: bytes) -> ImageInfo:
+    if len(data) < 29 or data[12:16] != b"IHDR":
+        raise DecodeError("PNG header is truncated or corrupt")
+    width, height, depth, color_type = struct.unpack(">IIBB", data[16:26])
+    channels = {0: 1, 2: 3, 3: 4, 4: 2, 6: 4}.get(color_type)
+    if not (width and height) or channels is None or depth not in (1, 2, 4, 8, 16):
+        raise DecodeError(f"PNG header is invalid ({width}x{height}, colour type {color_type}, depth {depth})")
+    return ImageInfo("png", height, width, channels, 2 if depth == 16 else 1, max(depth, 8))
+
+
+def _pillow_info(data: bytes) -> ImageInfo:
+    try:
+        with Image.open(io.BytesIO(data), formats=PILLOW_FORMATS) as image:
+            width, height = image.size
+            mode, fmt = image.mode, (image.format or "?").lower()
+            bits = _significant_bits(image)
+    except UnidentifiedImageError:
+        raise DecodeError(
+            "bytes are not an image of an accepted format (JPEG, PNG, WebP, TIFF, BMP, GIF, PPM, TGA)"
+        ) from None
+    except Exception as exc:  # Pillow's header parsers raise SyntaxError, struct.error, OSError...
+        raise DecodeError(f"image header is corrupt: {exc}") from None
+    channels, sample = _PILLOW_MODES.get(mode, (4, 1))
+    if not (width and height):
+        raise DecodeError(f"image has no pixels ({width}x{height})")
+    return ImageInfo(fmt, height, width, channels, sample, bits)
+
+
+def _significant_bits(image: Image.Image) -> int:
+    tags = getattr(image, "tag_v2", None)  # TIFF: BitsPerSample
+    if tags is not None and 258 in tags:
+        value = tags[258]
+        bits = value[0] if isinstance(value, tuple) else value
+        return int(bits)
+    return 16 if image.mode.startswith("I;16") else 8
+
+
+def probe(data: bytes) -> ImageInfo:
+    """Format, dimensions and sample size from the header alone; DecodeError if there is no image."""
     if data.startswith(JPEG_SOI):
-        pos = 2
-        while pos + 9 <= len(data):
-            if data[pos] != 0xFF:
-                return None
-            marker = data[pos + 1]
-            if marker == 0xFF:  # fill byte
-                pos += 1
-                continue
-            (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
-            if marker in _JPEG_SOF_MARKERS:
-                height, width = struct.unpack(">HH", data[pos + 5 : pos + 9])
-                return height, width
-            pos += 2 + length
-    return None
+        return _jpeg_info(data)
+    if data.startswith(PNG_SIGNATURE):
+        return _png_info(data)
+    return _pillow_info(data)
+
+
+class ByteBudget:
+    """Decoded bytes that concurrent decodes may hold together; a decode waits for its share."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._used = 0
+        self._cond = threading.Condition()
+
+    @property
+    def used(self) -> int:
+        return self._used
+
+    @contextmanager
+    def hold(self, nbytes: int) -> Iterator[None]:
+        nbytes = min(nbytes, self.capacity)
+        with self._cond:
+            self._cond.wait_for(lambda: self._used + nbytes <= self.capacity)
+            self._used += nbytes
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._used -= nbytes
+                self._cond.notify_all()
 
 
 def _jpeg_truncated(data: bytes) -> bool:
     """True when the last scan has no end-of-image marker after it (entropy data never holds FFD9)."""
+    if data.endswith(b"\xff\xd9"):  # nearly every JPEG: no need to scan it
+        return False
     last_scan = data.rfind(b"\xff\xda")
     return last_scan < 0 or data.find(b"\xff\xd9", last_scan) < 0
 
 
-def _composite_on_white(image: npt.NDArray[np.uint8]) -> ImageU8:
-    color, alpha = image[..., :-1].astype(np.float32), image[..., -1:].astype(np.float32) / 255.0
-    out = color * alpha + 255.0 * (1.0 - alpha)
-    composite: ImageU8 = out.round().astype(np.uint8)
-    return composite[..., 0] if composite.shape[2] == 1 else composite
+def _composite_on_white(image: ImageU8) -> ImageU8:
+    """Colour channels blended over white by the last (alpha) channel, in 8-bit integer arithmetic."""
+    height, width, channels = image.shape
+    out = np.empty((height, width, channels - 1), np.uint8)
+    rows = max(1, _CHUNK_PIXELS // width)
+    for top in range(0, height, rows):
+        chunk = image[top : top + rows]
+        color = chunk[..., :-1].astype(np.uint16)
+        alpha = chunk[..., -1:].astype(np.uint16)
+        out[top : top + rows] = (color * alpha + 255 * (255 - alpha) + 127) // 255
+    return out[..., 0] if channels == 2 else out
 
 
-def to_bgr8(decoded: npt.NDArray[Any]) -> ImageU8:
+def _to_8bit(decoded: npt.NDArray[Any], bits: int) -> ImageU8:
+    if decoded.dtype == np.uint8:
+        return decoded
+    out = np.empty(decoded.shape, np.uint8)
+    flat_in, flat_out = decoded.reshape(-1), out.reshape(-1)
+    for start in range(0, flat_in.size, _CHUNK_PIXELS):
+        part = flat_in[start : start + _CHUNK_PIXELS]
+        if decoded.dtype.kind == "f":
+            flat_out[start : start + _CHUNK_PIXELS] = np.clip(part * 255.0, 0, 255)
+        else:
+            shift = max(min(bits, decoded.dtype.itemsize * 8) - 8, 0)
+            flat_out[start : start + _CHUNK_PIXELS] = np.clip(part >> shift, 0, 255)
+    return out
+
+
+def to_bgr8(decoded: npt.NDArray[Any], bits: int = 16) -> ImageU8:
     """Any decoded layout (gray, gray+alpha, BGRA, 16-bit, float) as 3-channel 8-bit BGR."""
-    image: ImageU8
-    if decoded.dtype == np.uint16:
-        image = (decoded >> 8).astype(np.uint8)
-    elif decoded.dtype != np.uint8:
-        gain = 255.0 if decoded.dtype.kind == "f" else 1.0
-        image = np.clip(decoded.astype(np.float32) * gain, 0, 255).astype(np.uint8)
-    else:
-        image = decoded
+    image = _to_8bit(decoded, bits if decoded.dtype != np.uint8 else 8)
     channels = 1 if image.ndim == 2 else image.shape[2]
-    if channels == 2:
-        image = _composite_on_white(image)
-    elif channels == 4:
-        return _composite_on_white(image)
-    if channels in (1, 2):
+    if channels in (2, 4):
+        image = _composite_on_white(image if image.ndim == 3 else image[..., None])
+        channels -= 1
+    if channels == 1:
         return np.asarray(cv2.cvtColor(image, cv2.COLOR_GRAY2BGR), dtype=np.uint8)
     return image
 
 
-def decode_image(data: bytes, max_pixels: int) -> ImageU8:
-    """Decode to upright BGR uint8 (EXIF orientation applied for JPEG); reject bombs before decoding."""
-    if not isinstance(data, bytes | bytearray | memoryview):
-        raise DecodeError(f"image must be bytes, got {type(data).__name__}")
-    if len(data) == 0:
-        raise DecodeError("image is empty (0 bytes)")
-    size = header_size(bytes(data[:65536]))
-    if size is not None and size[0] * size[1] > max_pixels:
-        raise ImageTooLargeError(f"image is {size[1]}x{size[0]} pixels, the limit is {max_pixels} pixels")
-    is_png = bytes(data[:8]) == PNG_SIGNATURE
-    if bytes(data[:2]) == JPEG_SOI and _jpeg_truncated(bytes(data)):
-        raise DecodeError("JPEG is truncated (no end-of-image marker after the last scan)")
-    buffer = np.frombuffer(data, dtype=np.uint8)
+def _decode_with_pillow(data: bytes, info: ImageInfo) -> ImageU8:
+    """Formats OpenCV refuses (12-bit TIFF, CMYK TIFF, some GIFs): Pillow, first frame."""
     try:
-        # PNG keeps its alpha and depth (composited below); everything else decodes to colour with
-        # EXIF orientation applied by OpenCV.
-        image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED if is_png else cv2.IMREAD_COLOR)
-    except cv2.error as exc:
-        raise DecodeError(f"image could not be decoded: {str(exc).strip().splitlines()[-1]}") from exc
+        with Image.open(io.BytesIO(data), formats=PILLOW_FORMATS) as image:
+            image.seek(0)
+            if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+                array = np.asarray(image)
+                if image.mode == "I":
+                    array = np.clip(array, 0, 65535).astype(np.uint16)
+                return to_bgr8(array, info.bits if image.mode != "F" else 16)
+            rgba = "transparency" in image.info or image.mode in ("RGBA", "LA", "PA", "RGBa", "La")
+            converted = image.convert("RGBA" if rgba else "RGB")
+            array = np.asarray(converted)
+    except Exception as exc:  # Pillow's decoders raise OSError, ValueError, SyntaxError...
+        raise DecodeError(f"image could not be decoded ({info.format}): {exc}") from None
+    return to_bgr8(cv2.cvtColor(array, cv2.COLOR_RGBA2BGRA if array.shape[2] == 4 else cv2.COLOR_RGB2BGR))
+
+
+def decode(data: bytes, info: ImageInfo, reduce: int = 1) -> ImageU8:
+    """Upright 8-bit BGR (EXIF orientation applied for JPEG); JPEG optionally at 1/2, 1/4 or 1/8 scale."""
+    if info.format == "jpeg":
+        if _jpeg_truncated(data):
+            raise DecodeError("JPEG is truncated (no end-of-image marker after the last scan)")
+        flag = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4}.get(
+            reduce, cv2.IMREAD_REDUCED_COLOR_8
+        )
+    else:  # keep alpha and depth; composited and scaled to 8 bits below
+        flag = cv2.IMREAD_UNCHANGED
+    try:
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
+    except cv2.error:
+        image = None
     if image is None or image.size == 0:
-        raise DecodeError("bytes are not a decodable image (unknown format, truncated or corrupt)")
-    if image.shape[0] * image.shape[1] > max_pixels:
-        raise ImageTooLargeError(f"image is {image.shape[1]}x{image.shape[0]} pixels, the limit is {max_pixels} pixels")
-    return to_bgr8(image)
+        if info.format == "jpeg":  # Pillow's JPEG decoder is the same libjpeg: nothing to fall back to
+            raise DecodeError("JPEG could not be decoded (corrupt data or an unsupported variant)")
+        return _decode_with_pillow(data, info)
+    return to_bgr8(image)  # OpenCV scales every integer depth to its full 8 or 16 bits
 
 
 @dataclass(frozen=True)
 class Prepared:
-    """One image ready for batching: its normalised CHW tensor, its padded shape, how to map back."""
+    """One image ready for batching: uint8 BGR at its input size, its padded shape, how to map back."""
 
-    tensor: Tensor
+    image: ImageU8
     bucket: BucketSpec
     original_height: int
     original_width: int
     padded_height: int
     padded_width: int
+    #: time spent decoding and resizing on a decode thread
+    decode_s: float = 0.0
 
     @property
     def height(self) -> int:
-        return int(self.tensor.shape[1])
+        return int(self.image.shape[0])
 
     @property
     def width(self) -> int:
-        return int(self.tensor.shape[2])
+        return int(self.image.shape[1])
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_pixels: int
+    #: the largest decoded size one image may have; decodes beyond the budget's capacity wait forever
+    max_decoded_bytes: int
 
 
 def target_size(height: int, width: int, spec: ModelSpec) -> tuple[int, int]:
@@ -153,38 +327,64 @@ def route(height: int, width: int, spec: ModelSpec) -> tuple[BucketSpec, int, in
     return select_bucket(spec.buckets, h, w), h, w
 
 
-def normalize(image: ImageU8, spec: ModelSpec) -> Tensor:
-    pre = spec.preprocess
-    if pre.color == "rgb":
-        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)  # type: ignore[assignment]
-    gain = np.array([pre.scale / s for s in pre.std], dtype=np.float32)
-    offset = np.array([m / s for m, s in zip(pre.mean, pre.std, strict=True)], dtype=np.float32)
-    hwc = image.astype(np.float32) * gain - offset
-    return np.ascontiguousarray(hwc.transpose(2, 0, 1))
+def reduction(info: ImageInfo, target_h: int, target_w: int) -> int:
+    """The largest JPEG scale-down (2, 4, 8) that still leaves at least the target size (no upsampling)."""
+    if info.format != "jpeg":
+        return 1
+    for factor in (8, 4, 2):
+        if info.height // factor >= target_h and info.width // factor >= target_w:
+            return factor
+    return 1
 
 
-def prepare(data: bytes, spec: ModelSpec, max_pixels: int) -> Prepared:
-    image = decode_image(data, max_pixels)
-    height, width = image.shape[:2]
-    bucket, h, w = route(height, width, spec)
-    resized: ImageU8 = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)  # type: ignore[assignment]
+def prepare(data: bytes, spec: ModelSpec, limits: Limits, budget: ByteBudget) -> Prepared:
+    """Probe, check, decode within the budget, resize and route one image."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise DecodeError(f"image must be bytes, got {type(data).__name__}")
+    if len(data) == 0:
+        raise DecodeError("image is empty (0 bytes)")
+    data = bytes(data)
+    started = time.perf_counter()
+    info = probe(data)
+    if info.pixels > limits.max_pixels:
+        raise ImageTooLargeError(f"image is {info.width}x{info.height} pixels, the limit is {limits.max_pixels}")
+    # Header dimensions choose the JPEG scale; EXIF may swap them, which swaps the target alike.
+    _, header_h, header_w = route(info.height, info.width, spec)
+    reduce = reduction(info, header_h, header_w)
+    needed = info.decoded_bytes(reduce) * (1 if info.format in ("jpeg", "png") else 2)  # Pillow copies once
+    if needed > limits.max_decoded_bytes:
+        raise ImageTooLargeError(
+            f"a {info.width}x{info.height} {info.format} image with {info.channels} channels of "
+            f"{8 * info.bytes_per_sample} bits decodes to {needed} bytes, the limit is {limits.max_decoded_bytes}"
+        )
+    with budget.hold(needed):
+        image = decode(data, info, reduce)
+        if (reduce == 1 and image.shape[:2] == (info.height, info.width)) or (
+            reduce > 1 and image.shape[:2] == (-(-info.height // reduce), -(-info.width // reduce))
+        ):
+            original_h, original_w = info.height, info.width
+        else:  # EXIF orientation turned it by 90 degrees
+            original_h, original_w = info.width, info.height
+        bucket, h, w = route(original_h, original_w, spec)
+        if image.shape[:2] != (h, w):
+            image = np.asarray(cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR), dtype=np.uint8)
+        image = np.ascontiguousarray(image)
     grid = spec.preprocess.resize.pad_multiple
     padded_h = min(-(-h // grid) * grid, bucket.max[1])
     padded_w = min(-(-w // grid) * grid, bucket.max[2])
-    return Prepared(normalize(resized, spec), bucket, height, width, padded_h, padded_w)
+    return Prepared(image, bucket, original_h, original_w, padded_h, padded_w, time.perf_counter() - started)
 
 
-def pad_batch(items: list[Prepared]) -> tuple[Tensor, float]:
-    """Stack images of one padded shape into an NCHW batch (zeros right and below each image).
-
-    Returns the batch and the padding waste: the share of batch pixels that are padding.
-    """
-    height, width = items[0].padded_height, items[0].padded_width
-    if any((p.padded_height, p.padded_width) != (height, width) for p in items):
-        raise ValueError("a batch takes images of one padded shape only")
-    channels = items[0].tensor.shape[0]
-    batch = np.zeros((len(items), channels, height, width), dtype=np.float32)
-    for i, p in enumerate(items):
-        batch[i, :, : p.height, : p.width] = p.tensor
-    valid = sum(p.height * p.width for p in items)
-    return batch, 1.0 - valid / (len(items) * height * width)
+def assemble(out: ImageU8, images: list[ImageU8], pad_value: tuple[int, int, int]) -> float:
+    """Write images into an [N,H,W,3] buffer (padding right and below each); returns the padding share."""
+    _, height, width, _ = out.shape
+    valid = 0
+    for i, image in enumerate(images):
+        h, w = image.shape[:2]
+        out[i, :h, :w] = image
+        if w < width:
+            out[i, :h, w:] = pad_value
+        if h < height:
+            out[i, h:] = pad_value
+        valid += h * w
+    return 1.0 - valid / float(len(images) * height * width)

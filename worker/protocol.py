@@ -1,4 +1,4 @@
-"""The wire format on Redis: key names, the versioned job entry and the result hash.
+"""The wire format on Redis: key names, the versioned job entry, the result hash and the scripts.
 
 Everything a producer in another language needs is here and in docs/protocol.md. Jobs are flat
 stream fields (binary-safe bytes, never pickle); results are a hash holding a JSON document plus
@@ -21,6 +21,8 @@ PROTOCOL_VERSION = 1
 PRIORITIES = (0, 1, 2)  # 0 high, 1 normal (default), 2 low: one stream each
 DEFAULT_PRIORITY = 1
 JOB_ID_MAX_LEN = 200
+#: the largest value an integer field may hold (Redis and every producer language agree on int64)
+INT_FIELD_MAX = 2**63 - 1
 
 Status = Literal["ok", "error"]
 
@@ -31,6 +33,58 @@ if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
   return redis.call('XADD', KEYS[2], '*', unpack(ARGV, 2))
 end
 return false
+"""
+
+#: Stores results and acknowledges, atomically, for a batch of jobs.
+#: KEYS, five per job: stream, result hash, done list, attempts hash, started set.
+#: ARGV: result ttl, group, then per job: entry id, status, field count n, n field/value pairs.
+#: A result already stored is never overwritten (the second settle only acknowledges); the entry
+#: is deleted from the stream, so Redis holds only unfinished jobs. Returns the results written.
+SETTLE_SCRIPT = """
+local ttl, group, a, written = ARGV[1], ARGV[2], 3, 0
+for k = 1, #KEYS, 5 do
+  local entry, status, n = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
+  if redis.call('EXISTS', KEYS[k + 1]) == 0 then
+    redis.call('HSET', KEYS[k + 1], unpack(ARGV, a + 3, a + 2 + 2 * n))
+    redis.call('EXPIRE', KEYS[k + 1], ttl)
+    redis.call('RPUSH', KEYS[k + 2], status)
+    redis.call('EXPIRE', KEYS[k + 2], ttl)
+    written = written + 1
+  end
+  redis.call('XACK', KEYS[k], group, entry)
+  redis.call('XDEL', KEYS[k], entry)
+  redis.call('HDEL', KEYS[k + 3], entry, entry .. ':error')
+  redis.call('SREM', KEYS[k + 4], entry)
+  a = a + 3 + 2 * n
+end
+return written
+"""
+
+#: Removes a consumer only while it holds no lease and no pending entry (deleting one with pending
+#: entries would lose them). KEYS: stream, the consumer's lease key, its started set.
+#: ARGV: group, consumer.
+FORGET_CONSUMER_SCRIPT = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) > 0 then return 0 end
+redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+redis.call('DEL', KEYS[3])
+return 1
+"""
+
+
+#: Charges the entries a dead consumer had started, then reports every entry's attempts.
+#: KEYS: attempts hash, the previous owner's started set. ARGV: entry ids. Entries the owner had
+#: only read (not started), or that were charged already when they failed, are not charged again.
+CHARGE_SCRIPT = """
+local out = {}
+for i, id in ipairs(ARGV) do
+  if redis.call('SREM', KEYS[2], id) == 1 then
+    redis.call('HINCRBY', KEYS[1], id, 1)
+    redis.call('HSET', KEYS[1], id .. ':error', 'worker_died: the worker running it stopped without settling it')
+  end
+  out[i] = tonumber(redis.call('HGET', KEYS[1], id) or '0')
+end
+return out
 """
 
 
@@ -67,12 +121,50 @@ class Keys:
     def lease(self, consumer: str) -> str:
         return f"{self.prefix}:lease:{consumer}"
 
+    def attempts(self, stream: str) -> str:
+        """Hash: entry id -> attempts that ended without a result (a failure, or its worker died),
+        and ``<entry id>:error`` -> why the last one ended."""
+        return f"{stream}:attempts"
+
+    def started(self, stream: str, consumer: str) -> str:
+        """Set: the entries a consumer has started and not yet settled; charged if it dies."""
+        return f"{stream}:started:{consumer}"
+
     def priority_of(self, stream: str) -> int:
         return int(stream.rsplit(":", 1)[1])
 
 
 def new_job_id() -> str:
     return uuid.uuid4().hex
+
+
+def valid_job_id(raw: bytes | None) -> str | None:
+    """The job id if it is 1..JOB_ID_MAX_LEN characters of valid UTF-8, else None: ids are never altered."""
+    if not raw:
+        return None
+    try:
+        job_id = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return job_id if len(job_id) <= JOB_ID_MAX_LEN else None
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One stream entry as handed to this worker."""
+
+    stream: str
+    entry_id: str
+    fields: dict[bytes, bytes]
+    #: times Redis handed the entry to a consumer (reads and claims)
+    deliveries: int
+    #: earlier attempts that ended without a result: failures, or the death of the worker running it
+    attempts: int = 0
+
+    @property
+    def key(self) -> str:
+        """Unique across streams (entry ids are unique only within one)."""
+        return f"{self.stream}/{self.entry_id}"
 
 
 @dataclass(frozen=True)
@@ -100,29 +192,26 @@ class JobRequest:
 
     @classmethod
     def decode(cls, fields: dict[bytes, bytes]) -> JobRequest:
-        """Parse a stream entry; anything malformed raises InvalidJobError with the reason."""
+        """Parse a stream entry once; anything malformed raises InvalidJobError with the reason."""
         version = _int_field(fields, "v", 0)
         if version != PROTOCOL_VERSION:
             raise InvalidJobError(f"unsupported protocol version {version}, this worker speaks {PROTOCOL_VERSION}")
-        job_id = fields.get(b"id", b"").decode("utf-8", "replace")
-        if not job_id or len(job_id) > JOB_ID_MAX_LEN:
-            raise InvalidJobError(f"field id must be 1..{JOB_ID_MAX_LEN} characters")
+        job_id = valid_job_id(fields.get(b"id"))
+        if job_id is None:
+            raise InvalidJobError(f"field id must be 1..{JOB_ID_MAX_LEN} characters of UTF-8")
         if b"image" not in fields:
             raise InvalidJobError("field image is missing")
         priority = _int_field(fields, "priority", DEFAULT_PRIORITY)
-        deadline_ms = _int_field(fields, "deadline_ms", 0)
-        enqueued_ms = _int_field(fields, "enqueued_ms", 0)
-        want_tensors = _int_field(fields, "tensors", 0) != 0
         if priority not in PRIORITIES:
             raise InvalidJobError(f"priority must be one of {PRIORITIES}, got {priority}")
         return cls(
             job_id=job_id,
             image=fields[b"image"],
             priority=priority,
-            deadline_ms=deadline_ms,
-            enqueued_ms=enqueued_ms,
-            want_tensors=want_tensors,
-            source=fields.get(b"source", b"").decode("utf-8", "replace"),
+            deadline_ms=_int_field(fields, "deadline_ms", 0),
+            enqueued_ms=_int_field(fields, "enqueued_ms", 0),
+            want_tensors=_int_field(fields, "tensors", 0) != 0,
+            source=fields.get(b"source", b"")[:1000].decode("utf-8", "replace"),
         )
 
 
@@ -130,15 +219,13 @@ def _int_field(fields: dict[bytes, bytes], name: str, default: int) -> int:
     raw = fields.get(name.encode())
     if raw is None:
         return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise InvalidJobError(f"field {name} is not an integer: {raw[:40]!r}") from None
-
-
-def job_id_of(fields: dict[bytes, bytes]) -> str:
-    """The job id of an entry even when the rest is malformed, so its error result can be found."""
-    return fields.get(b"id", b"").decode("utf-8", "replace")[:JOB_ID_MAX_LEN]
+    # Checked before int(): a field of thousands of digits is malformed, not a slow conversion.
+    if len(raw) > 20 or not raw.strip().lstrip(b"+-").isdigit():
+        raise InvalidJobError(f"field {name} is not an integer: {raw[:40]!r}")
+    value = int(raw)
+    if not 0 <= value <= INT_FIELD_MAX:
+        raise InvalidJobError(f"field {name} must be between 0 and {INT_FIELD_MAX}, got {value}")
+    return value
 
 
 @dataclass
@@ -175,6 +262,10 @@ class JobResult:
             fields[f"tensor:{name}"] = np.ascontiguousarray(arr).tobytes()
         return fields
 
+    def settlement(self, delivery: Delivery, bucket: str = "none", enqueued_ms: int = 0) -> Settlement:
+        """Encoded once, where it is built (a worker thread, not the event loop)."""
+        return Settlement(delivery, self, self.encode(), bucket, enqueued_ms)
+
     @classmethod
     def decode(cls, fields: dict[bytes, bytes]) -> JobResult:
         doc = json.loads(fields[b"json"])
@@ -190,3 +281,15 @@ class JobResult:
             result=doc.get("result", {}),
             tensors=tensors,
         )
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """A final result for one delivery, encoded for the settle script."""
+
+    delivery: Delivery
+    result: JobResult
+    fields: dict[str, bytes]
+    #: for metrics: the bucket that ran the job ("none" if it never reached one), its enqueue time
+    bucket: str = "none"
+    enqueued_ms: int = 0

@@ -1,6 +1,10 @@
-"""The pipeline: read → decode (thread pool) → route → per-bucket batcher → per-bucket executor →
-postprocess → settle. asyncio on top, blocking work on threads: one pool for CPU work, one thread
-per bucket instance so a backend context is never shared between threads.
+"""The pipeline, wired: read → decode (thread pool) → route → per-bucket batcher → lane runners →
+postprocess (thread pool) → settle. asyncio on top; blocking work on threads.
+
+``Service`` is the composition root: intake and admission live here; a bucket's execution lives
+in ``executor``, settling in ``settler``, the read-ahead window in ``inflight``. Every task runs in
+one TaskGroup: a task that dies takes the worker down with exit status 1, so it is restarted
+rather than left wedged.
 """
 
 from __future__ import annotations
@@ -8,42 +12,38 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
-import numpy as np
-
-from worker.backends.base import Backend, Outputs
+from worker.backends.base import Backend, Lane
 from worker.batcher import Batcher
-from worker.broker import Broker, Delivery
-from worker.buckets import BucketSpec, ModelSpec
-from worker.errors import BackendError, BrokerError, ImageTooLargeError, JobError, JobExpiredError, TransientError
-from worker.imaging import Prepared, pad_batch, prepare
+from worker.broker import Broker
+from worker.buckets import ModelSpec
+from worker.errors import BrokerError, ConfigError, ImageTooLargeError, JobError, JobExpiredError, StalledError
+from worker.executor import BucketExecutor, Inferred, Job, Retry
+from worker.imaging import ByteBudget, Limits, Prepared, prepare
+from worker.inflight import Inflight
 from worker.metrics import Metrics
-from worker.postprocess import text_boxes
-from worker.protocol import JobRequest, JobResult, job_id_of
+from worker.protocol import Delivery, JobRequest, JobResult, Settlement, valid_job_id
 from worker.settings import Settings
+from worker.settler import BROKER_RETRY_S, Settler
 
 logger = logging.getLogger(__name__)
 
 STATS_INTERVAL_S = 5.0
-BROKER_RETRY_S = 0.5
+WATCHDOG_INTERVAL_S = 1.0
+#: kept back from the grace period for leaving entries and dropping the lease
+EXIT_MARGIN_S = 1.0
+T = TypeVar("T")
+
+
+class _Finished(Exception):  # noqa: N818 - a signal, not an error
+    """Ends the service's TaskGroup once draining is over (the idiom for cancelling its other tasks)."""
 
 
 def now_ms() -> int:
     return int(time.time() * 1000)
-
-
-@dataclass
-class Job:
-    delivery: Delivery
-    request: JobRequest
-    prepared: Prepared
-    timings_ms: dict[str, float] = field(default_factory=dict)
-
-    def padded_shape(self) -> tuple[int, int]:
-        return self.prepared.padded_height, self.prepared.padded_width
 
 
 class Service:
@@ -57,344 +57,364 @@ class Service:
         self.metrics = metrics
         self.warm = False
         self.redis_ok = False
+        self.wedged = False
         self.exit_code = 0
         self._stopping = asyncio.Event()
-        self._slot_freed = asyncio.Event()
-        self._inflight: dict[str, Delivery] = {}
-        #: why an entry this worker left pending failed last, for its dead-letter reason
-        self._last_errors: dict[str, str] = {}
-        self._admissions: set[asyncio.Task[None]] = set()
-        self._batchers: dict[str, Batcher[Job]] = {b.id: Batcher(b, Job.padded_shape) for b in spec.buckets}
-        self._cpu_pool = ThreadPoolExecutor(settings.pipeline.decode_threads, thread_name_prefix="cpu")
-        self._bucket_pools = {
-            b.id: ThreadPoolExecutor(backend.instances(b.id), thread_name_prefix=f"bucket-{b.id}") for b in spec.buckets
-        }
-        metrics.backend_info.info(backend.describe())
+        self._stop_deadline = float("inf")
+        pipeline = settings.pipeline
+        self._cpu_pool = ThreadPoolExecutor(pipeline.decode_threads, thread_name_prefix="cpu")
+        self._budget = ByteBudget(pipeline.decode_budget_mib << 20)
+        self._limits = Limits(pipeline.max_pixels, self._budget.capacity)
+        self.executors = {b.id: BucketExecutor(b, spec, backend, metrics, self._cpu_pool) for b in spec.buckets}
+        self.batchers: dict[str, Batcher[Job]] = {b.id: Batcher(b, lambda job: job.padded_shape) for b in spec.buckets}
+        window = pipeline.max_inflight or sum(2 * len(ex.lanes) * ex.bucket.max_batch for ex in self.executors.values())
+        self.inflight = Inflight(window)
+        self.settler = Settler(broker, self.inflight, metrics, self._set_redis)
+        metrics.inflight.set_function(lambda: len(self.inflight))
+        metrics.decode_budget_used.set_function(lambda: self._budget.used)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._group: asyncio.TaskGroup
+        #: entries the watchdog found held past stall_s: charged an attempt on the way out
+        self._stuck: list[Delivery] = []
+        metrics.inflight_capacity.set(window)
+
+    # ---- state ----------------------------------------------------------------------------
+
+    def ready(self) -> bool:
+        return self.warm and self.redis_ok and self.backend.healthy and not self.wedged and not self._stopping.is_set()
+
+    def lanes_idle(self) -> bool:
+        """No batch runs inside the backend: only then may it be closed."""
+        return all(ex.running == 0 for ex in self.executors.values())
+
+    def _set_redis(self, ok: bool) -> None:
+        self.redis_ok = ok
+        self.metrics.ready.set(1 if self.ready() else 0)
+
+    def stop(self) -> None:
+        """Stop reading; what is in flight is finished and settled within the grace period."""
+        if not self._stopping.is_set():
+            logger.info("stopping: no new jobs, settling %d in flight", len(self.inflight))
+            self._stop_deadline = time.monotonic() + self.settings.shutdown_grace_s - EXIT_MARGIN_S
+            self._stopping.set()
+            self.metrics.ready.set(0)
+            asyncio.get_running_loop().create_task(self.inflight.wake())
+
+    async def _unless_stopped(self, awaitable: Awaitable[T]) -> tuple[bool, T | None]:
+        """(True, result) if it finished first, (False, None) if a stop came first (it is then cancelled)."""
+        task = asyncio.ensure_future(awaitable)
+        stop = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if task.done():
+            return True, task.result()
+        task.cancel()
+        return False, None
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, waking early on a stop."""
+        await self._unless_stopped(asyncio.sleep(seconds))
 
     # ---- lifecycle -------------------------------------------------------------------------
 
-    def ready(self) -> bool:
-        return self.warm and self.redis_ok and self.backend.healthy and not self._stopping.is_set()
-
-    def stop(self) -> None:
-        """Stop reading; what is in flight is finished and settled (SIGTERM/SIGINT)."""
-        if not self._stopping.is_set():
-            logger.info("stopping: no new jobs, settling %d in flight", len(self._inflight))
-        self._stopping.set()
-
-    async def _in_pool(self, pool: ThreadPoolExecutor, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
-
-    async def warm_up(self) -> None:
-        """One batch per bucket at its opt shape: ready only after every profile has run."""
-        for bucket in self.spec.buckets:
-            shape = self.spec.input_shapes(bucket)[1]
-            started = time.perf_counter()
-            await self._in_pool(
-                self._bucket_pools[bucket.id], self.backend.infer, bucket.id, np.zeros(shape, np.float32)
-            )
-            logger.info(
-                "bucket %s warmed up at %s in %.0f ms", bucket.id, shape, (time.perf_counter() - started) * 1000
-            )
-        self.warm = True
-
     async def run(self, burst: bool = False) -> int:
         """Serve until stopped (or, with ``burst``, until nothing is queued or in flight)."""
-        await self._until_redis(self.broker.ensure_groups)
-        await self._until_redis(self.broker.heartbeat)
-        await self.warm_up()
-        self._refresh_ready()
-        background = [asyncio.create_task(self._heartbeat_loop()), asyncio.create_task(self._stats_loop())]
-        runners = [
-            asyncio.create_task(self._run_bucket(bucket))
-            for bucket in self.spec.buckets
-            for _ in range(self.backend.instances(bucket.id))
-        ]
         try:
-            await self._intake(burst)
-            try:
-                async with asyncio.timeout(self.settings.shutdown_grace_s):
-                    await self._drain(runners)
-            except TimeoutError:
-                logger.warning("grace period over with %d jobs unsettled; they will be reclaimed", len(self._inflight))
+            async with asyncio.TaskGroup() as group:
+                self._group = group
+                group.create_task(self._serve(burst))
+        except BaseExceptionGroup as group_error:
+            _, failures = group_error.split(_Finished)
+            if failures is not None:
+                first = failures.exceptions[0]
+                if isinstance(first, ConfigError):
+                    raise first from None
+                logger.error("a pipeline task failed; exiting so the worker is restarted", exc_info=first)
+                self.exit_code = 1
         finally:
-            self._stopping.set()
-            for task in [*background, *runners, *self._admissions]:
-                task.cancel()
-            await asyncio.gather(*background, *runners, *self._admissions, return_exceptions=True)
-            try:
-                await self.broker.release()
-            except BrokerError as exc:
-                logger.warning("could not release the lease: %s", exc)
+            await self._leave_the_rest()
+            for executor in self.executors.values():
+                executor.shutdown()
             self._cpu_pool.shutdown(wait=False, cancel_futures=True)
-            for pool in self._bucket_pools.values():
-                pool.shutdown(wait=False, cancel_futures=True)
-            self._refresh_ready()
+            self.metrics.ready.set(0)
         return self.exit_code
 
-    async def _drain(self, runners: list[asyncio.Task[None]]) -> None:
-        while self._admissions:
-            await asyncio.gather(*list(self._admissions), return_exceptions=True)
-        for batcher in self._batchers.values():
-            batcher.close()
-        await asyncio.gather(*runners)
+    async def _serve(self, burst: bool) -> None:
+        if await self._until_redis(self.broker.ensure_groups) and await self._until_redis(self.broker.heartbeat):
+            for loop in (self._heartbeat_loop, self._stats_loop, self._watchdog_loop):
+                self._group.create_task(loop())
+            finished, _ = await self._unless_stopped(self._warm_up())
+            if finished:
+                self.warm = True
+                self.metrics.ready.set(1 if self.ready() else 0)
+                runners = [
+                    self._group.create_task(self._lane_runner(executor, lane))
+                    for executor in self.executors.values()
+                    for lane in executor.lanes
+                ]
+                await self._intake(burst)
+                await self._drain(runners)
+        raise _Finished
 
-    async def _until_redis(self, call: Any) -> None:
-        while True:
+    async def _warm_up(self) -> None:
+        """One batch per lane at its opt shape: ready only after every profile has run."""
+
+        async def bucket(executor: BucketExecutor) -> None:
+            started = time.perf_counter()
+            for lane in executor.lanes:
+                await executor.warm_up(lane)
+            logger.info(
+                "bucket %s warmed up (%d lanes) in %.0f ms",
+                executor.bucket.id,
+                len(executor.lanes),
+                (time.perf_counter() - started) * 1000,
+            )
+
+        await asyncio.gather(*(bucket(ex) for ex in self.executors.values()))
+
+    async def _until_redis(self, call: Any) -> bool:
+        """Retry a start-up call until Redis answers (True) or a stop comes (False)."""
+        while not self._stopping.is_set():
             try:
                 await call()
-                self.redis_ok = True
-                return
+                self._set_redis(True)
+                return True
             except BrokerError as exc:
-                self.redis_ok = False
-                self._refresh_ready()
-                if self._stopping.is_set():
-                    raise
+                self._set_redis(False)
                 logger.warning("waiting for redis: %s", exc)
-                await asyncio.sleep(BROKER_RETRY_S)
+                await self._pause(BROKER_RETRY_S)
+        return False
 
-    def _refresh_ready(self) -> None:
-        self.metrics.ready.set(1 if self.ready() else 0)
+    async def _drain(self, runners: list[asyncio.Task[None]]) -> None:
+        """Finish and settle everything held, until the grace period runs out."""
+        left = self._stop_deadline - time.monotonic() if self._stopping.is_set() else None
+
+        async def everything() -> None:
+            while self._admissions():
+                await asyncio.gather(*self._admissions(), return_exceptions=True)
+            for batcher in self.batchers.values():
+                batcher.close()
+            await asyncio.gather(*runners)
+            while self._tasks:
+                await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+        try:
+            async with asyncio.timeout(left):
+                await everything()
+        except TimeoutError:
+            logger.warning("grace period over with %d jobs unsettled; they are left for others", len(self.inflight))
+
+    def _admissions(self) -> list[asyncio.Task[Any]]:
+        return [t for t in self._tasks if t.get_name().startswith("admit")]
+
+    async def _leave_the_rest(self) -> None:
+        """Entries still held go back: charged if they wedged the pipeline, left uncharged otherwise."""
+        for task in list(self._tasks):
+            task.cancel()
+        stuck_keys = {d.key for d in self._stuck}
+        held = [d for d in self.inflight.deliveries() if d.key not in stuck_keys]
+        if self._stuck:
+            stall = StalledError(f"held over stall_s {self.settings.pipeline.stall_s:.0f} s: the pipeline wedged")
+            try:
+                await asyncio.wait_for(self.settler.retry_later([(d, stall) for d in self._stuck]), EXIT_MARGIN_S)
+            except TimeoutError:
+                logger.warning("could not charge the %d stuck jobs: redis does not answer", len(self._stuck))
+        if held:
+            await self.settler.leave(held)
+        try:
+            await self.broker.release()
+        except BrokerError as exc:
+            logger.warning("could not release the lease: %s", exc)
+
+    def _spawn(self, name: str, coro: Any) -> None:
+        """A task of the service's group: should it raise (a bug), the worker exits 1 and is restarted."""
+        task = self._group.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ---- background loops ------------------------------------------------------------------
 
     async def _heartbeat_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.redis.lease_s / 3)
+        while not self._stopping.is_set():
+            await self._pause(self.settings.redis.lease_s / 3)
             try:
                 await self.broker.heartbeat()
-                self.redis_ok = True
+                self._set_redis(True)
             except BrokerError as exc:
-                self.redis_ok = False
+                self._set_redis(False)
                 logger.warning("heartbeat failed: %s", exc)
-            self._refresh_ready()
 
     async def _stats_loop(self) -> None:
-        while True:
+        while not self._stopping.is_set():
             try:
                 for priority, stats in (await self.broker.stats()).items():
+                    self.metrics.stream_length.labels(priority).set(stats.length)
                     self.metrics.stream_lag.labels(priority).set(stats.lag)
                     self.metrics.stream_pending.labels(priority).set(stats.pending)
             except BrokerError as exc:
                 logger.debug("stats failed: %s", exc)
-            await asyncio.sleep(STATS_INTERVAL_S)
+            await self._pause(STATS_INTERVAL_S)
+
+    async def _watchdog_loop(self) -> None:
+        """A job held past ``stall_s`` means the pipeline is wedged: not ready, exit 1, left for others."""
+        stall_s = self.settings.pipeline.stall_s
+        while not self._stopping.is_set():
+            self.metrics.ready.set(1 if self.ready() else 0)
+            if stuck := self.inflight.held_longer_than(stall_s):
+                logger.error(
+                    "pipeline wedged: %d jobs held over stall_s %.0f s; exiting, they are charged an attempt",
+                    len(stuck),
+                    stall_s,
+                )
+                self.wedged = True
+                self._stuck = stuck
+                self.exit_code = 1
+                self.stop()
+                self._stop_deadline = time.monotonic()  # nothing to drain into a wedged pipeline
+                return
+            await self._pause(WATCHDOG_INTERVAL_S)
 
     # ---- intake ----------------------------------------------------------------------------
 
     async def _intake(self, burst: bool) -> None:
-        reclaim_every_s = min(self.settings.redis.lease_s / 2, max(self.settings.redis.retry_backoff_s, 0.5))
+        redis = self.settings.redis
+        reclaim_every_s = min(redis.lease_s / 2, max(redis.retry_backoff_s, 0.5))
         next_reclaim = 0.0
         while not self._stopping.is_set():
-            free = self.settings.pipeline.max_inflight - len(self._inflight)
-            if free <= 0:
-                self._slot_freed.clear()
-                await self._slot_freed.wait()
-                continue
+            await self.inflight.wait(lambda: self.inflight.free > 0 or self._stopping.is_set())
+            if self._stopping.is_set():
+                return
+            free = self.inflight.free
             try:
                 deliveries: list[Delivery] = []
                 if time.monotonic() >= next_reclaim:
                     next_reclaim = time.monotonic() + reclaim_every_s
-                    deliveries = await self.broker.reclaim(set(self._inflight))
+                    deliveries = await self.broker.reclaim(self.inflight.keys(), free)
                     self.metrics.redeliveries.inc(len(deliveries))
                 if not deliveries:
-                    deliveries = await self.broker.read(min(free, self.settings.redis.read_count))
-                if not deliveries and burst and not self._inflight and await self.broker.backlog() == 0:
+                    deliveries = await self.broker.read(min(free, redis.read_count))
+                if not deliveries and burst and not len(self.inflight) and await self.broker.backlog() == 0:
                     logger.info("burst: queue empty and nothing in flight")
                     return
-                self.redis_ok = True
+                self._set_redis(True)
+                await self._admit_all(deliveries)
             except BrokerError as exc:
-                self.redis_ok = False
-                self._refresh_ready()
-                logger.warning("read failed, retrying: %s", exc)
-                await asyncio.sleep(BROKER_RETRY_S)
+                self._set_redis(False)
+                logger.warning("intake failed, retrying: %s", exc)
+                await self._pause(BROKER_RETRY_S)
+
+    async def _admit_all(self, deliveries: list[Delivery]) -> None:
+        """Fresh entries start at once; suspects (an earlier attempt failed or died) run alone."""
+        fresh = [d for d in deliveries if d.attempts == 0]
+        for delivery in fresh:
+            self.inflight.hold(delivery)
+        await self.broker.mark_started(fresh)
+        for delivery in fresh:
+            self._spawn(f"admit {delivery.key}", self._admit(delivery))
+        for suspect in (d for d in deliveries if d.attempts > 0):
+            if self._stopping.is_set():  # not started: claimable by others, nothing charged
+                return
+            self.inflight.hold(suspect)
+            if suspect.attempts >= self.settings.redis.max_deliveries:
+                self._spawn(f"dead {suspect.key}", self._dead_letter(suspect))
                 continue
-            for delivery in deliveries:
-                self._inflight[delivery.entry_id] = delivery
-                task = asyncio.create_task(self._admit(delivery))
-                self._admissions.add(task)
-                task.add_done_callback(self._admissions.discard)
-            self.metrics.inflight.set(len(self._inflight))
+            # Alone in the pipeline: if this one kills the worker, no other job is charged for it.
+            await self.inflight.wait(lambda: len(self.inflight) == 1 or self._stopping.is_set())
+            if self._stopping.is_set():
+                await self.settler.leave([suspect])
+                return
+            await self.broker.mark_started([suspect])
+            self._spawn(f"admit {suspect.key}", self._admit(suspect))
+            await self.inflight.wait(lambda: len(self.inflight) == 0)
+
+    async def _dead_letter(self, delivery: Delivery) -> None:
+        job_id = valid_job_id(delivery.fields.get(b"id")) or delivery.entry_id
+        reason = f"gave up after {delivery.attempts} failed attempts"
+        try:
+            if last := await self.broker.last_error(delivery):
+                reason += f"; last error: {last}"
+        except BrokerError as exc:
+            logger.debug("no last error for %s: %s", delivery.key, exc)
+        logger.error("dead-lettering job %s: %s", job_id, reason)
+        await self.settler.settle([JobResult.failure(job_id, "max_deliveries", reason).settlement(delivery)], dead=True)
 
     async def _admit(self, delivery: Delivery) -> None:
         """Parse, check, decode and route one entry; errors here settle the job at once."""
-        job_id = job_id_of(delivery.fields)
-        if delivery.deliveries > self.settings.redis.max_deliveries:
-            reason = f"gave up after {delivery.deliveries - 1} deliveries"
-            if last_error := self._last_errors.pop(delivery.entry_id, None):
-                reason += f"; last error: {last_error}"
-            await self._dead_letter(delivery, JobResult.failure(job_id, "max_deliveries", reason))
-            return
-        started = time.perf_counter()
-        queue_ms = 0.0
+        request: JobRequest | None = None
         try:
             request = JobRequest.decode(delivery.fields)
             self.metrics.jobs_received.labels(request.priority).inc()
+            queue_ms = float(max(now_ms() - request.enqueued_ms, 0)) if request.enqueued_ms else 0.0
             if request.enqueued_ms:
-                queue_ms = float(max(now_ms() - request.enqueued_ms, 0))
-                self.metrics.queue_wait.observe(queue_ms / 1000)
-            self._check_deadline(request)
-            if len(request.image) > self.settings.pipeline.max_image_bytes:
-                raise ImageTooLargeError(
-                    f"image is {len(request.image)} bytes, the limit is {self.settings.pipeline.max_image_bytes}"
-                )
-            prepared = await self._in_pool(
-                self._cpu_pool, prepare, request.image, self.spec, self.settings.pipeline.max_pixels
+                self.metrics.queue_wait.labels(request.priority).observe(queue_ms / 1000)
+            if request.deadline_ms and now_ms() > request.deadline_ms:
+                raise JobExpiredError(f"deadline passed {now_ms() - request.deadline_ms} ms before decoding")
+            limit = self.settings.pipeline.max_image_bytes
+            if len(request.image) > limit:
+                raise ImageTooLargeError(f"image is {len(request.image)} bytes, the limit is {limit}")
+            submitted = time.perf_counter()
+            wait_s, prepared = await asyncio.get_running_loop().run_in_executor(
+                self._cpu_pool, self._prepare, request.image, submitted
             )
         except JobError as exc:
-            await self._settle([(delivery, JobResult.failure(job_id or delivery.entry_id, exc.code, str(exc)))])
+            await self._settle_failure(delivery, request, exc.code, str(exc))
             return
         except Exception:
-            logger.exception("unexpected error preparing job %s", job_id)
-            failure = JobResult.failure(
-                job_id or delivery.entry_id, "internal_error", "internal error preparing the image"
-            )
-            await self._settle([(delivery, failure)])
+            logger.exception("unexpected error preparing entry %s", delivery.key)
+            await self._settle_failure(delivery, request, "internal_error", "internal error preparing the image")
             return
-        decode_s = time.perf_counter() - started
-        self.metrics.decode.observe(decode_s)
-        job = Job(delivery, request, prepared, {"queue": queue_ms, "decode": round(decode_s * 1000, 2)})
-        if self._batchers[prepared.bucket.id].closed:  # drained while decoding: leave it for the next worker
-            self._release([delivery])
+        self.metrics.decode_wait.observe(wait_s)
+        self.metrics.decode.observe(prepared.decode_s)
+        timings = {
+            "queue": queue_ms,
+            "decode_wait": round(wait_s * 1000, 2),
+            "decode": round(prepared.decode_s * 1000, 2),
+        }
+        batcher = self.batchers[prepared.bucket.id]
+        if batcher.closed:  # drained while decoding: left for the next worker
+            await self.settler.leave([delivery])
             return
-        self._batchers[prepared.bucket.id].put(job)
+        batcher.put(Job(delivery, request, prepared, timings))
 
-    def _check_deadline(self, request: JobRequest) -> None:
-        if request.deadline_ms and now_ms() > request.deadline_ms:
-            raise JobExpiredError(f"deadline passed {now_ms() - request.deadline_ms} ms before inference")
+    def _prepare(self, image: bytes, submitted: float) -> tuple[float, Prepared]:
+        wait_s = time.perf_counter() - submitted
+        return wait_s, prepare(image, self.spec, self._limits, self._budget)
+
+    async def _settle_failure(self, delivery: Delivery, request: JobRequest | None, code: str, message: str) -> None:
+        # An id that is missing, not UTF-8 or too long is never altered: the entry id stands in for it.
+        job_id = request.job_id if request else valid_job_id(delivery.fields.get(b"id")) or delivery.entry_id
+        enqueued_ms = request.enqueued_ms if request else 0
+        result = JobResult.failure(job_id, code, message)
+        await self.settler.settle([result.settlement(delivery, enqueued_ms=enqueued_ms)])
 
     # ---- execution -------------------------------------------------------------------------
 
-    async def _run_bucket(self, bucket: BucketSpec) -> None:
-        batcher = self._batchers[bucket.id]
-        while True:
-            batch = await batcher.next_batch()
-            if not batch:
-                return
+    async def _lane_runner(self, executor: BucketExecutor, lane: Lane) -> None:
+        """Feeds one lane: it takes a batch only when the lane is free, so batches fill while it runs."""
+        batcher = self.batchers[executor.bucket.id]
+        while batch := await batcher.next_batch():
             taken = time.monotonic()
             jobs = []
             for queued_at, job in batch:
                 waited = taken - queued_at
-                self.metrics.batch_wait.labels(bucket.id).observe(waited)
+                self.metrics.batch_wait.labels(executor.bucket.id).observe(waited)
                 job.timings_ms["batch_wait"] = round(waited * 1000, 2)
                 jobs.append(job)
-            await self._execute(bucket, jobs)
+            outcomes = await executor.infer(lane, jobs)
+            self._spawn(f"finish {executor.bucket.id}", self._finish(executor, outcomes))
 
-    async def _execute(self, bucket: BucketSpec, jobs: list[Job]) -> None:
-        """Infer one batch and settle it; a failed batch is split to isolate the job that broke it."""
-        expired = []
-        for job in list(jobs):
-            try:
-                self._check_deadline(job.request)
-            except JobExpiredError as exc:
-                jobs.remove(job)
-                expired.append((job.delivery, JobResult.failure(job.request.job_id, exc.code, str(exc))))
-        if expired:
-            await self._settle(expired)
-        if not jobs:
-            return
-        tensor, waste = pad_batch([job.prepared for job in jobs])
-        started = time.perf_counter()
-        try:
-            outputs: Outputs = await self._in_pool(self._bucket_pools[bucket.id], self.backend.infer, bucket.id, tensor)
-        except Exception as exc:
-            await self._batch_failed(bucket, jobs, exc)
-            return
-        infer_s = time.perf_counter() - started
-        self.metrics.inference.labels(bucket.id).observe(infer_s)
-        self.metrics.batch_size.labels(bucket.id).observe(len(jobs))
-        self.metrics.batch_fill.labels(bucket.id).observe(len(jobs) / bucket.max_batch)
-        self.metrics.padding_waste.labels(bucket.id).observe(waste)
-        for job in jobs:
-            job.timings_ms["inference"] = round(infer_s * 1000, 2)
-        results = await self._in_pool(self._cpu_pool, self._postprocess, bucket, jobs, outputs)
-        await self._settle(list(zip([j.delivery for j in jobs], results, strict=True)))
-
-    async def _batch_failed(self, bucket: BucketSpec, jobs: list[Job], exc: Exception) -> None:
-        if not isinstance(exc, BackendError):
-            logger.exception("unexpected backend failure on bucket %s", bucket.id, exc_info=exc)
-        if not self.backend.healthy:
-            logger.error("backend is unusable (%s); stopping so the worker can be restarted", exc)
+    async def _finish(self, executor: BucketExecutor, outcomes: list[Inferred | Settlement | Retry]) -> None:
+        """Postprocess off the lane, then settle: the lane is already running its next batch."""
+        settlements = [o for o in outcomes if isinstance(o, Settlement)]
+        retries = [o for o in outcomes if isinstance(o, Retry)]
+        inferred = [o for o in outcomes if isinstance(o, Inferred)]
+        if inferred:
+            settlements += await executor.postprocess(inferred)
+        await self.settler.settle(settlements)
+        await self.settler.retry_later([(r.job.delivery, r.error) for r in retries])
+        if not self.backend.healthy and self.exit_code == 0:
+            logger.error("the backend is unusable; stopping so the worker is restarted")
             self.exit_code = 1
-            self._release([j.delivery for j in jobs])
             self.stop()
-            return
-        if len(jobs) > 1:
-            logger.warning("batch of %d on bucket %s failed (%s); retrying one by one", len(jobs), bucket.id, exc)
-            for job in jobs:
-                await self._execute(bucket, [job])
-            return
-        job = jobs[0]
-        logger.warning(
-            "job %s failed on bucket %s (delivery %d): %s", job.request.job_id, bucket.id, job.delivery.deliveries, exc
-        )
-        self._last_errors[job.delivery.entry_id] = f"{getattr(exc, 'code', 'backend_error')}: {exc}"
-        self._release([job.delivery])  # left pending: retried after the backoff, then dead-lettered
-
-    def _postprocess(self, bucket: BucketSpec, jobs: list[Job], outputs: Outputs) -> list[JobResult]:
-        prob_maps = outputs[self.spec.output]
-        results = []
-        for i, job in enumerate(jobs):
-            p = job.prepared
-            boxes = text_boxes(
-                prob_maps[i, 0, : p.height, : p.width], self.spec.postprocess, p.original_height, p.original_width
-            )
-            tensors = (
-                {name: np.ascontiguousarray(out[i, ..., : p.height, : p.width]) for name, out in outputs.items()}
-                if job.request.want_tensors
-                else {}
-            )
-            if job.request.enqueued_ms:
-                job.timings_ms["total"] = float(max(now_ms() - job.request.enqueued_ms, 0))
-            body = {
-                "boxes": boxes,
-                "image": {"height": p.original_height, "width": p.original_width},
-                "input": {
-                    "height": p.height,
-                    "width": p.width,
-                    "padded_height": p.padded_height,
-                    "padded_width": p.padded_width,
-                },
-                "bucket": bucket.id,
-                "batch_size": len(jobs),
-                "model": self.spec.name,
-                "deliveries": job.delivery.deliveries,
-                "timings_ms": job.timings_ms,
-            }
-            results.append(JobResult(job.request.job_id, "ok", result=body, tensors=tensors))
-        return results
-
-    # ---- settling --------------------------------------------------------------------------
-
-    def _release(self, deliveries: list[Delivery]) -> None:
-        for delivery in deliveries:
-            self._inflight.pop(delivery.entry_id, None)
-        self.metrics.inflight.set(len(self._inflight))
-        self._slot_freed.set()
-
-    async def _settle(self, settlements: list[tuple[Delivery, JobResult]], dead: bool = False) -> None:
-        """Write results and ack in one round trip, retrying while Redis is away; never cancelled halfway."""
-        while True:
-            try:
-                if dead:
-                    await asyncio.shield(self.broker.settle([], settlements))
-                else:
-                    await asyncio.shield(self.broker.settle(settlements))
-                self.redis_ok = True
-                break
-            except TransientError as exc:
-                self.redis_ok = False
-                self._refresh_ready()
-                logger.warning("settle failed, retrying: %s", exc)
-                await asyncio.sleep(BROKER_RETRY_S)
-        end = now_ms()
-        for delivery, result in settlements:
-            self._last_errors.pop(delivery.entry_id, None)
-            self.metrics.jobs_completed.labels(result.status, result.code).inc()
-            enqueued = delivery.fields.get(b"enqueued_ms", b"0")
-            if enqueued.isdigit() and int(enqueued):
-                self.metrics.end_to_end.observe(max(end - int(enqueued), 0) / 1000)
-            if dead:
-                self.metrics.dead_lettered.labels(result.code).inc()
-        self._release([d for d, _ in settlements])
-
-    async def _dead_letter(self, delivery: Delivery, result: JobResult) -> None:
-        logger.error("dead-lettering job %s: %s", result.job_id, result.message)
-        await self._settle([(delivery, result)], dead=True)

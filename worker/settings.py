@@ -10,13 +10,17 @@ import socket
 import uuid
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker.errors import ConfigError
 
-REPO_CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
+#: model specs shipped inside the package, so an installed wheel runs with no checkout around it
+PACKAGED_SPECS = Path(__file__).resolve().parent / "specs"
+DEFAULT_SPEC = PACKAGED_SPECS / "ppocr_det.yaml"
+REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 
 def _default_consumer() -> str:
@@ -30,17 +34,39 @@ class _Section(BaseModel):
 
 class RedisSettings(_Section):
     url: str = "redis://127.0.0.1:6379/0"
+    #: overrides a password in the URL; kept out of every log line and error message
+    password: SecretStr | None = None
+    #: TLS (a rediss:// URL): CA bundle to verify the server, client certificate and key for mutual TLS
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_check_hostname: bool = True
     prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")] = "imgworker"
     group: str = "workers"
     consumer: str = Field(default_factory=_default_consumer)
     lease_s: Annotated[float, Field(gt=0)] = 30.0
+    #: attempts a job may use up (failures, or deaths of the worker running it) before it is dead-lettered
     max_deliveries: Annotated[int, Field(ge=1)] = 3
     retry_backoff_s: Annotated[float, Field(ge=0)] = 2.0
     result_ttl_s: Annotated[int, Field(ge=1)] = 3600
-    read_count: Annotated[int, Field(ge=1)] = 32
+    read_count: Annotated[int, Field(ge=1)] = 64
     block_ms: Annotated[int, Field(ge=1)] = 500
     dead_letter_maxlen: Annotated[int, Field(ge=1)] = 100_000
     socket_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, url: str) -> str:
+        parts = urlsplit(url)
+        if parts.scheme not in REDIS_SCHEMES:
+            raise ValueError(f"the URL scheme must be one of {', '.join(REDIS_SCHEMES)}, got {parts.scheme!r}")
+        try:
+            parts.port  # noqa: B018 - raises ValueError on a malformed port
+        except ValueError as exc:
+            raise ValueError(f"malformed URL: {exc}") from None
+        if parts.scheme != "unix" and not parts.hostname:
+            raise ValueError("the URL names no host")
+        return url
 
 
 class TensorRTSettings(_Section):
@@ -52,23 +78,40 @@ class TensorRTSettings(_Section):
     workspace_mib: Annotated[int, Field(ge=16)] = 4096
     #: names of trt.TacticSource members; None keeps TensorRT's default set
     tactic_sources: tuple[str, ...] | None = None
-    instances: Annotated[int, Field(ge=1, le=8)] = 1
+    #: execution contexts per bucket: two let one batch's copies overlap another's execution
+    instances: Annotated[int, Field(ge=1, le=8)] = 2
     device: Annotated[int, Field(ge=0)] = 0
 
 
+class FakeSettings(_Section):
+    """The ``fake`` backend: no model, a recorded probability map, a configurable cost."""
+
+    batch_ms: Annotated[float, Field(ge=0)] = 0.0
+    image_ms: Annotated[float, Field(ge=0)] = 0.0
+    lanes: Annotated[int, Field(ge=1, le=64)] = 2
+
+
 class BackendSettings(_Section):
-    #: "onnxruntime", "tensorrt", or "package.module:Class" for a backend of your own
+    #: "onnxruntime", "tensorrt", "fake", or "package.module:Class" for a backend of your own
     kind: str = "onnxruntime"
     fallback_to_cpu: bool = False
     cpu_threads: Annotated[int, Field(ge=0)] = 0
     tensorrt: TensorRTSettings = TensorRTSettings()
+    fake: FakeSettings = FakeSettings()
 
 
 class PipelineSettings(_Section):
+    #: threads that decode images and postprocess maps (OpenCV releases the GIL)
     decode_threads: Annotated[int, Field(ge=1)] = max(os.cpu_count() or 1, 1)
-    max_inflight: Annotated[int, Field(ge=1)] = 256
+    #: entries held at once; None: about two batches per execution context, so a killed worker
+    #: orphans few jobs and a stop drains in seconds
+    max_inflight: Annotated[int, Field(ge=1)] | None = None
     max_pixels: Annotated[int, Field(ge=1)] = 40_000_000
     max_image_bytes: Annotated[int, Field(ge=1)] = 64 * 1024 * 1024
+    #: decoded bytes all concurrent decodes may hold together; one image may use it all
+    decode_budget_mib: Annotated[int, Field(ge=16)] = 1024
+    #: a job held this long means the pipeline is wedged: not ready, exit 1, jobs left to others
+    stall_s: Annotated[float, Field(gt=0)] = 300.0
 
 
 class MetricsSettings(_Section):
@@ -76,6 +119,8 @@ class MetricsSettings(_Section):
     #: 0 picks a free port (tests); the bound port is logged
     port: Annotated[int, Field(ge=0, le=65535)] = 9400
     enabled: bool = True
+    #: GPU utilisation and memory through NVML when the backend runs on a GPU
+    gpu: bool = True
 
 
 class Settings(BaseSettings):
@@ -87,13 +132,18 @@ class Settings(BaseSettings):
     backend: BackendSettings = BackendSettings()
     pipeline: PipelineSettings = PipelineSettings()
     metrics: MetricsSettings = MetricsSettings()
-    model_spec: Path = REPO_CONFIG_DIR / "ppocr_det.yaml"
+    model_spec: Path = DEFAULT_SPEC
     assets_dir: Path = Path.home() / ".cache" / "imgworker" / "assets"
     #: the ONNX file; None takes the spec's file from assets_dir
     model_path: Path | None = None
     shutdown_grace_s: Annotated[float, Field(ge=0)] = 25.0
     log_format: Literal["console", "json"] = "console"
-    log_level: str = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _lease_outlives_heartbeat(self) -> Settings:
@@ -107,10 +157,11 @@ class Settings(BaseSettings):
         try:
             return cls(**overrides)  # type: ignore[arg-type]
         except ValidationError as exc:
+            # err['msg'] only: the input values may hold secrets
             problems = "; ".join(
                 f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}" for err in exc.errors()
             )
-            raise ConfigError(f"invalid settings: {problems}") from exc
+            raise ConfigError(f"invalid settings: {problems}") from None
 
     def onnx_path(self, spec_file: str) -> Path:
         return self.model_path or self.assets_dir / "models" / spec_file

@@ -1,7 +1,7 @@
 """GPU fixtures: skip (with the reason) without TensorRT, cuda-python or a GPU; one plan per session.
 
 The plan directory comes from IMGWORKER_BACKEND__TENSORRT__PLAN_DIR, so repeated runs on a warm
-GPU machine reuse the plan built by the first.
+GPU machine reuse the plan built by the first (scripts/bench_gpu.py builds the same one).
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ def gpu_settings(gpu: None) -> Settings:
     """Plain fp32 (TF32 off) so parity with ONNX Runtime holds to float32 tolerance."""
     base = Settings.load()
     return Settings.load(
-        backend={"kind": "tensorrt", "tensorrt": {**base.backend.tensorrt.model_dump(), "tf32": False}}
+        model_spec=SMALL_SPEC,
+        backend={"kind": "tensorrt", "tensorrt": {**base.backend.tensorrt.model_dump(), "tf32": False}},
     )
 
 
@@ -59,7 +60,6 @@ def trt_backend(gpu_settings: Settings, small_spec: ModelSpec, onnx_path: Path) 
     from worker.backends.tensorrt.backend import TensorRTBackend
 
     backend = TensorRTBackend(small_spec, onnx_path, gpu_settings.backend)
-    backend.poison_outputs = True
     backend.open()
     yield backend
     backend.close()

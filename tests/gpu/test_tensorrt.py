@@ -7,101 +7,114 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 
+from worker.backends.onnxruntime import OnnxRuntimeBackend
 from worker.buckets import BucketSpec, ModelSpec
 from worker.errors import ShapeOutOfProfileError
-from worker.settings import Settings
+from worker.graph import engine_output
+from worker.imaging import ByteBudget, Limits, assemble, prepare
+from worker.settings import BackendSettings, Settings
 
 pytestmark = pytest.mark.gpu
-#: TF32 off: TensorRT and ONNX Runtime differ only in float32 summation order and kernels
-ATOL = 2e-4
+#: TF32 off: TensorRT and ONNX Runtime differ only in float32 summation order and kernels, so a
+#: map pixel (x255, rounded) may land one step apart; more than that is a real difference
+MAX_STEP = 2
+MAX_SHARE_OFF_BY_ONE = 0.01
 
 
-@pytest.fixture(scope="module")
-def reference(onnx_path: Path) -> ort.InferenceSession:
-    return ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+def _batches(spec: ModelSpec, photos: list[Path]) -> list[tuple[BucketSpec, np.ndarray]]:
+    """Real photos, grouped by bucket and padded shape into batches of up to 5 (the worker's way)."""
+    limits = Limits(40_000_000, 1 << 30)
+    groups: dict[tuple[str, int, int], list[np.ndarray]] = {}
+    buckets = {b.id: b for b in spec.buckets}
+    for photo in photos:
+        p = prepare(photo.read_bytes(), spec, limits, ByteBudget(1 << 30))
+        groups.setdefault((p.bucket.id, p.padded_height, p.padded_width), []).append(p.image)
+    out = []
+    for (bucket_id, h, w), images in sorted(groups.items(), key=lambda kv: -len(kv[1]))[:6]:
+        batch = np.empty((min(len(images), 5), h, w, 3), np.uint8)
+        assemble(batch, images[: len(batch)], spec.preprocess.pad_value())
+        out.append((buckets[bucket_id], batch))
+    assert {b.id for b, _ in out} == set(buckets), "the photos must reach every bucket"
+    return out
 
 
-def _shapes(bucket: BucketSpec, rng: np.random.Generator, count: int = 3) -> list[tuple[int, int, int, int]]:
-    """The profile's min, opt and max, plus random shapes inside it (H, W multiples of 32)."""
-    shapes = [(s[0], 3, s[1], s[2]) for s in (bucket.min, bucket.opt, bucket.max)]
-    for _ in range(count):
-        n = int(rng.integers(bucket.min[0], bucket.max[0] + 1))
-        h = int(rng.integers(bucket.min[1] // 32, bucket.max[1] // 32 + 1)) * 32
-        w = int(rng.integers(bucket.min[2] // 32, bucket.max[2] // 32 + 1)) * 32
-        shapes.append((n, 3, h, w))
-    return shapes
+def _run(lane: Any, batch: np.ndarray, output: str) -> np.ndarray:
+    n, h, w, _ = batch.shape
+    lane.input(n, h, w)[:] = batch
+    return np.array(lane.run(n, h, w)[output])
 
 
-def test_parity_with_onnxruntime_on_every_bucket(
-    trt_backend: Any, reference: ort.InferenceSession, small_spec: ModelSpec
+def test_parity_with_onnxruntime_on_real_photos(
+    trt_backend: Any, small_spec: ModelSpec, onnx_path: Path, photos: list[Path]
 ) -> None:
-    rng = np.random.default_rng(2026)
-    worst = 0.0
-    for bucket in small_spec.buckets:
-        for shape in _shapes(bucket, rng):
-            batch = rng.uniform(-1, 1, shape).astype(np.float32)  # fresh input; outputs poisoned with NaN
-            got = trt_backend.infer(bucket.id, batch)[small_spec.output]
-            (want,) = reference.run([small_spec.output], {small_spec.input: batch})
-            assert got.shape == want.shape and np.isfinite(got).all(), (bucket.id, shape)
-            diff = float(np.abs(got - want).max())
-            worst = max(worst, diff)
-            assert diff <= ATOL, (bucket.id, shape, diff)
-    print(f"max |TensorRT - ONNX Runtime| over all shapes: {worst:.2e} (tolerance {ATOL:.0e})")
+    output = engine_output(small_spec)
+    worst, off = 0, []
+    with OnnxRuntimeBackend(small_spec, onnx_path, BackendSettings()) as reference:
+        for bucket, batch in _batches(small_spec, photos):
+            got = _run(trt_backend.lanes(bucket.id)[0], batch, output)
+            want = _run(reference.lanes(bucket.id)[0], batch, output)
+            assert got.shape == want.shape and got.dtype == want.dtype == np.uint8, bucket.id
+            diff = np.abs(got.astype(np.int16) - want.astype(np.int16))
+            worst = max(worst, int(diff.max()))
+            off.append(float((diff > 0).mean()))
+    print(f"TensorRT vs ONNX Runtime on real photos: max step {worst}, share of pixels off {max(off):.2e}")
+    assert worst <= MAX_STEP and max(off) <= MAX_SHARE_OFF_BY_ONE
 
 
-def test_buckets_running_concurrently_match_serial_runs(
-    gpu_settings: Settings, small_spec: ModelSpec, onnx_path: Path
+def test_every_output_element_is_written(trt_backend: Any, small_spec: ModelSpec, photos: list[Path]) -> None:
+    """Two runs over device outputs poisoned with different bytes agree: nothing is left unwritten."""
+    output = engine_output(small_spec)
+    bucket, batch = _batches(small_spec, photos)[0]
+    lane = trt_backend.lanes(bucket.id)[0]
+    lane.poison_outputs(0x00)
+    first = _run(lane, batch, output)
+    lane.poison_outputs(0xFF)
+    np.testing.assert_array_equal(_run(lane, batch, output), first)
+
+
+def test_lanes_running_concurrently_match_serial_runs(
+    trt_backend: Any, small_spec: ModelSpec, photos: list[Path]
 ) -> None:
-    """Two contexts per bucket, every context on its own thread and stream, all at once."""
-    from worker.backends.tensorrt.backend import TensorRTBackend
+    """Every lane of every bucket on its own thread and stream, all at once, bit for bit."""
+    output = engine_output(small_spec)
+    work = _batches(small_spec, photos)
+    serial = [_run(trt_backend.lanes(bucket.id)[0], batch, output) for bucket, batch in work]
+    mismatches: list[str] = []
+    errors: list[BaseException] = []
 
-    two_lanes = gpu_settings.backend.model_copy(
-        update={"tensorrt": gpu_settings.backend.tensorrt.model_copy(update={"instances": 2})}
-    )
-    rng = np.random.default_rng(7)
-    work = [
-        (bucket.id, rng.uniform(-1, 1, (bucket.opt[0], 3, bucket.opt[1], bucket.opt[2])).astype(np.float32))
-        for bucket in small_spec.buckets
-        for _ in range(4)
-    ]
-    with TensorRTBackend(small_spec, onnx_path, two_lanes) as backend:
-        serial = [backend.infer(bucket_id, batch)[small_spec.output] for bucket_id, batch in work]
-        concurrent: list[Any] = [None] * len(work)
-        errors: list[BaseException] = []
-
-        def run(index: int) -> None:
-            try:
-                for _ in range(5):
-                    concurrent[index] = backend.infer(work[index][0], work[index][1])[small_spec.output]
-            except BaseException as exc:
-                errors.append(exc)
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(work))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-    assert not errors, errors
-    for got, want in zip(concurrent, serial, strict=True):
-        np.testing.assert_array_equal(got, want)
-
-
-def test_out_of_profile_shapes_are_rejected_not_run(trt_backend: Any, small_spec: ModelSpec) -> None:
-    small = small_spec.buckets[0]
-    too_big = np.zeros((1, 3, small.max[1] + 32, small.max[2]), np.float32)
-    too_many = np.zeros((small.max[0] + 1, 3, 64, 64), np.float32)
-    for batch in (too_big, too_many):
-        with pytest.raises(ShapeOutOfProfileError, match="outside"):
-            trt_backend.infer(small.id, batch)
-        lane = trt_backend.lanes[small.id].get()  # the lane checks too: 8.6's set_input_shape would accept it
+    def run(lane: Any, bucket_id: str) -> None:
         try:
-            with pytest.raises(ShapeOutOfProfileError, match="outside profile 0"):
-                lane.run(batch)
-        finally:
-            trt_backend.lanes[small.id].put(lane)
+            for _ in range(5):
+                for i, (bucket, batch) in enumerate(work):
+                    if bucket.id == bucket_id and not np.array_equal(_run(lane, batch, output), serial[i]):
+                        mismatches.append(f"{bucket_id} batch {i}")
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [
+        threading.Thread(target=run, args=(lane, bucket.id))
+        for bucket in small_spec.buckets
+        for lane in trt_backend.lanes(bucket.id)
+    ]
+    assert len(threads) >= 4  # two buckets, two lanes each by default
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and not mismatches, (errors, mismatches)
+
+
+def test_out_of_profile_shapes_are_refused_before_tensorrt(trt_backend: Any, small_spec: ModelSpec) -> None:
+    """TensorRT 8.6's set_input_shape accepts shapes outside the profile: the lane checks first."""
+    small = small_spec.buckets[0]
+    lane = trt_backend.lanes(small.id)[0]
+    for n, h, w in [(1, small.max[1] + 32, small.max[2]), (small.max[0] + 1, 64, 64)]:
+        with pytest.raises(ShapeOutOfProfileError, match="outside its profile"):
+            lane.input(n, h, w)
+        with pytest.raises(ShapeOutOfProfileError, match="outside its profile"):
+            lane.run(n, h, w)
     assert trt_backend.healthy
 
 

@@ -17,7 +17,7 @@ BOX_IOU = 0.9
 
 
 def _boxes(env: dict[str, str], photos: list[Path], prefix: str) -> dict[str, list[dict]]:  # type: ignore[type-arg]
-    run = run_jobs(env, list(photos), prefix, timeout_s=600)
+    run = run_jobs(env, list(photos), prefix=prefix, timeout_s=600)
     return {photo.name: result.result["boxes"] for photo, result in zip(photos, run.results, strict=True)}
 
 

@@ -14,7 +14,16 @@ from worker.protocol import Keys
 def test_enqueue_answers_every_input_once_even_unreadable_ones(
     redis_url: str, redis_client: redis.Redis, photos: list[Path], tmp_path: Path
 ) -> None:
-    inputs = [str(photos[0]), str(tmp_path / "missing.jpg"), str(tmp_path / "nothing-*.png"), str(photos[0].parent)]
+    twice = tmp_path / "again.jpg"
+    twice.symlink_to(photos[0])
+    inputs = [
+        str(photos[0]),
+        str(tmp_path / "missing.jpg"),
+        str(tmp_path / "nothing-*.png"),
+        str(photos[0].parent),
+        str(twice),  # the same file under another name
+        str(photos[0].parent / ".." / "photos" / photos[0].name),
+    ]
     proc = subprocess.run(
         [sys.executable, "-m", "worker", "enqueue", "--redis-url", redis_url, "--json", *inputs],
         cwd=REPO,
@@ -24,7 +33,7 @@ def test_enqueue_answers_every_input_once_even_unreadable_ones(
     )
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
     assert proc.returncode == 1  # some inputs could not be read
-    assert len(lines) == 2 + len(photos)  # photos[0] is named twice but enqueued once
+    assert len(lines) == 2 + len(photos)  # photos[0] is named four ways but enqueued once
     unreadable = [line for line in lines if line["code"] == "unreadable"]
     assert [Path(line["path"]).name for line in unreadable] == ["missing.jpg", "nothing-*.png"]
     queued = [line for line in lines if line["status"] == "queued"]

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import redis
 
-from tests.conftest import RedisServer, worker_env
 from tests.support.faulty import POISON_BGR
-from tests.support.workers import WorkerProcess
+from tests.support.redis_server import RedisServer
+from tests.support.workers import WorkerProcess, worker_env
 from worker.client import Client
 from worker.protocol import Keys
 

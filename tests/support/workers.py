@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -83,15 +84,49 @@ class WorkerProcess:
         try:
             code = self.process.wait(timeout_s)
         except subprocess.TimeoutExpired:
-            self.process.kill()
+            self.kill()
             raise AssertionError(f"worker still running after {timeout_s} s:\n{self.log}") from None
-        self._reader.join(5)
+        self._close()
         return code
 
     def kill(self) -> None:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+        self._close()
+
+    def _close(self) -> None:
+        self._reader.join(5)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
+    def __enter__(self) -> WorkerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a process (all its threads) has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def worker_env(redis_url: str, **extra: str) -> dict[str, str]:
+    """Environment for a worker subprocess: quick leases and retries so fault tests run fast."""
+    env = dict(os.environ)
+    env.update(
+        {
+            "IMGWORKER_REDIS__URL": redis_url,
+            "IMGWORKER_METRICS__PORT": "0",
+            "IMGWORKER_LOG_LEVEL": "INFO",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    env.update(extra)
+    return env
 
 
 @dataclass(frozen=True)
@@ -99,22 +134,69 @@ class Run:
     results: list[JobResult]  # in submission order
     elapsed_s: float  # first submission to last result
     metrics: Samples  # /metrics just before the worker was stopped
+    #: the steady window, between 10% and 90% of the results: images/s, and CPU cores the worker
+    #: (and redis-server, when its pid is given) used on average in it
+    steady_rate: float
+    worker_cores: float
+    redis_cores: float
+
+    @property
+    def per_core(self) -> float:
+        return self.steady_rate / max(self.worker_cores, 1e-9)
 
 
-def run_jobs(env: dict[str, str], images: list[ImageInput], prefix: str = "imgworker", timeout_s: float = 1800) -> Run:
-    """Start a worker, submit every image at once, wait for all results, stop it with SIGTERM."""
+def run_jobs(
+    env: dict[str, str],
+    images: list[ImageInput],
+    *,
+    prefix: str = "imgworker",
+    timeout_s: float = 1800,
+    redis_pid: int | None = None,
+    workers: int = 1,
+) -> Run:
+    """Start ``workers`` worker processes, submit every image at once, wait for all results, SIGTERM them."""
     env = {**env, "IMGWORKER_REDIS__PREFIX": prefix}
-    worker = WorkerProcess(env)
+    processes = [WorkerProcess(env) for _ in range(workers)]
     try:
-        worker.wait_ready(900)
+        for worker in processes:
+            worker.wait_ready(900)
+        worker_pids = [w.process.pid for w in processes]
+        marks: dict[int, tuple[float, list[float], float]] = {}
+        arrived = 0
+        low, high = max(len(images) // 10, 1), max(len(images) * 9 // 10, 1)
+
+        def on_result(*_: object) -> None:
+            nonlocal arrived
+            arrived += 1
+            if arrived in (low, high):
+                redis_cpu = cpu_seconds(redis_pid) if redis_pid else 0.0
+                marks[arrived] = (time.monotonic(), [cpu_seconds(pid) for pid in worker_pids], redis_cpu)
+
         with Client(env["IMGWORKER_REDIS__URL"], prefix=prefix) as client:
             started = time.monotonic()
             ids = client.submit_many(images)
-            results = client.wait_many(ids, timeout_s=timeout_s)
+            results = client.gather(ids, timeout_s=timeout_s, on_result=on_result)
             elapsed_s = time.monotonic() - started
-        metrics = worker.metrics()
-        worker.process.send_signal(signal.SIGTERM)
-        assert worker.wait(60) == 0, worker.log
+        logs = "\n".join(w.log[-2000:] for w in processes)
+        assert len(results) == len(ids), f"{len(ids) - len(results)} jobs without a result:\n{logs}"
+        metrics: Samples = {}
+        for worker in processes:
+            for key, value in worker.metrics().items():
+                metrics[key] = metrics.get(key, 0.0) + value
+        for worker in processes:
+            worker.process.send_signal(signal.SIGTERM)
+        for worker in processes:
+            assert worker.wait(60) == 0, worker.log
     finally:
-        worker.kill()
-    return Run([results[job_id] for job_id in ids], elapsed_s, metrics)
+        for worker in processes:
+            worker.kill()
+    (t0, cpu0, redis0), (t1, cpu1, redis1) = marks[low], marks[high]
+    window = max(t1 - t0, 1e-9)
+    return Run(
+        [results[job_id] for job_id in ids],
+        elapsed_s,
+        metrics,
+        steady_rate=(high - low) / window,
+        worker_cores=(sum(cpu1) - sum(cpu0)) / window,
+        redis_cores=(redis1 - redis0) / window,
+    )

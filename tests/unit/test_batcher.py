@@ -1,7 +1,10 @@
+"""Batch decisions, driven by an injected clock: no test here depends on how fast the machine is."""
+
 from __future__ import annotations
 
 import asyncio
-import time
+
+import pytest
 
 from worker.batcher import Batcher
 from worker.buckets import BucketSpec
@@ -10,71 +13,96 @@ BUCKET = BucketSpec(id="b", min=(1, 32, 32), opt=(4, 64, 64), max=(8, 64, 64), m
 SQUARE = (64, 64)
 
 
-def _batcher() -> Batcher[int]:
-    """Items are plain ints, all 64x64, unless a test gives sizes."""
-    return Batcher(BUCKET, lambda _: SQUARE)
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
-async def test_flushes_at_opt_batch_without_waiting() -> None:
-    batcher = _batcher()
-    for i in range(5):
+def _batcher(clock: Clock, shapes: dict[int, tuple[int, int]] | None = None) -> Batcher[int]:
+    """Items are plain ints, all 64x64 unless ``shapes`` says otherwise."""
+    return Batcher(BUCKET, lambda item: (shapes or {}).get(item, SQUARE), clock)
+
+
+def _items(batch: list[tuple[float, int]]) -> list[int]:
+    return [item for _, item in batch]
+
+
+def test_flushes_at_opt_batch_without_waiting() -> None:
+    clock = Clock()
+    batcher = _batcher(clock)
+    for i in range(3):
         batcher.put(i)
-    started = time.monotonic()
-    batch = await batcher.next_batch()
-    assert [item for _, item in batch] == [0, 1, 2, 3, 4]  # all waiting, up to max
-    assert time.monotonic() - started < 0.05
+    batch, wait_s = batcher.take_ready()
+    assert batch == [] and wait_s == pytest.approx(0.08)  # three of opt four: wait for the oldest's deadline
+    batcher.put(3)
+    batcher.put(4)
+    assert _items(batcher.take_ready()[0]) == [0, 1, 2, 3, 4]  # opt reached: all waiting, up to max
 
 
-async def test_takes_at_most_max_batch_when_items_pile_up() -> None:
-    batcher = _batcher()
+def test_takes_at_most_max_batch_when_items_pile_up() -> None:
+    batcher = _batcher(Clock())
     for i in range(20):
         batcher.put(i)
-    sizes = [len(await batcher.next_batch()) for _ in range(3)]
-    assert sizes == [8, 8, 4]
+    assert [len(batcher.take_ready()[0]) for _ in range(3)] == [8, 8, 4]
 
 
-async def test_a_partial_batch_waits_for_max_wait_of_its_oldest_item() -> None:
-    batcher = _batcher()
+def test_a_partial_batch_goes_at_the_deadline_of_its_oldest_item() -> None:
+    clock = Clock()
+    batcher = _batcher(clock)
     batcher.put(1)
-    started = time.monotonic()
-    batch = await batcher.next_batch()
-    waited = time.monotonic() - started
-    assert [item for _, item in batch] == [1]
-    assert waited >= 0.075  # never before the deadline
+    clock.now += 0.05
+    batcher.put(2)
+    assert batcher.take_ready() == ([], pytest.approx(0.03))
+    clock.now += 0.031
+    assert _items(batcher.take_ready()[0]) == [1, 2]
 
 
-async def test_a_late_arrival_completing_opt_flushes_before_the_deadline() -> None:
-    batcher = _batcher()
-    batcher.put(0)
+def test_mixed_shapes_do_not_count_toward_each_others_batch() -> None:
+    """Four items of four shapes with opt 4 are four partial batches, not one full one."""
+    clock = Clock()
+    shapes = {0: (64, 64), 1: (32, 64), 2: (64, 32), 3: (32, 32)}
+    batcher = _batcher(clock, shapes)
+    for item in shapes:
+        batcher.put(item)
+    assert batcher.take_ready()[0] == []  # nothing is due: no shape has opt items
+    clock.now += 0.08
+    assert [_items(batcher.take_ready()[0]) for _ in shapes] == [[0], [1], [2], [3]]
 
-    async def add_rest() -> None:
-        await asyncio.sleep(0.01)
-        for i in range(1, 4):
-            batcher.put(i)
 
-    started = time.monotonic()
-    _, batch = await asyncio.gather(add_rest(), batcher.next_batch())
-    assert len(batch) == 4 and time.monotonic() - started < 0.07
+def test_the_shape_whose_oldest_item_came_first_goes_first() -> None:
+    clock = Clock()
+    shapes = {i: (32, 64) for i in range(10, 14)}
+    batcher = _batcher(clock, shapes)
+    batcher.put(0)  # a square, oldest
+    clock.now += 0.01
+    for i in range(10, 14):
+        batcher.put(i)  # four wide ones: opt reached for them
+    assert _items(batcher.take_ready()[0]) == [10, 11, 12, 13]
+    clock.now += 0.08
+    assert _items(batcher.take_ready()[0]) == [0]
 
 
 async def test_close_flushes_remaining_then_ends() -> None:
-    batcher = _batcher()
-    batcher.put(1)
-    batcher.put(2)
-    batcher.close()
-    started = time.monotonic()
-    assert [item for _, item in await batcher.next_batch()] == [1, 2]
-    assert await batcher.next_batch() == []
-    assert time.monotonic() - started < 0.05
-
-
-async def test_only_items_of_one_padded_shape_share_a_batch() -> None:
     shapes = {0: (64, 64), 1: (32, 64), 2: (64, 64), 3: (32, 64), 4: (64, 64)}
-    batcher: Batcher[int] = Batcher(BUCKET, shapes.__getitem__)
+    batcher = _batcher(Clock(), shapes)
     for item in shapes:
         batcher.put(item)
     batcher.close()
-    first = [item for _, item in await batcher.next_batch()]
-    second = [item for _, item in await batcher.next_batch()]
+    first = _items(await batcher.next_batch())
+    second = _items(await batcher.next_batch())
     assert first == [0, 2, 4] and second == [1, 3]  # arrival order kept within each shape
     assert await batcher.next_batch() == []
+
+
+async def test_a_waiting_runner_wakes_when_opt_is_reached() -> None:
+    batcher = _batcher(Clock())  # the injected clock never advances: only opt can release the batch
+    batcher.put(0)
+    waiting = asyncio.create_task(batcher.next_batch())
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    for i in range(1, 4):
+        batcher.put(i)
+    assert _items(await asyncio.wait_for(waiting, 5)) == [0, 1, 2, 3]

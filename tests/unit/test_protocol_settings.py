@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from worker.errors import ConfigError, InvalidJobError
-from worker.protocol import PROTOCOL_VERSION, JobRequest, JobResult, Keys
+from worker.protocol import PROTOCOL_VERSION, JobRequest, JobResult, Keys, valid_job_id
 from worker.settings import Settings
 
 
@@ -28,6 +28,10 @@ def test_job_round_trip_keeps_binary_image_bytes() -> None:
         ({"v": "x", "id": "a", "image": b"x"}, "field v is not an integer"),
         ({"v": 1, "image": b"x"}, "field id"),
         ({"v": 1, "id": "a" * 201, "image": b"x"}, "field id"),
+        ({"v": 1, "id": b"\xff\xfe-not-utf8", "image": b"x"}, "field id"),
+        ({"v": 1, "id": "a", "image": b"x", "enqueued_ms": "9" * 5000}, "field enqueued_ms is not an integer"),
+        ({"v": 1, "id": "a", "image": b"x", "deadline_ms": -5}, "field deadline_ms must be between"),
+        ({"v": 1, "id": "a", "image": b"x", "enqueued_ms": 2**63}, "field enqueued_ms must be between"),
         ({"v": 1, "id": "a"}, "image is missing"),
         ({"v": 1, "id": "a", "image": b"x", "priority": 7}, "priority must be one of"),
         ({"v": 1, "id": "a", "image": b"x", "deadline_ms": "soon"}, "field deadline_ms is not an integer"),
@@ -36,6 +40,15 @@ def test_job_round_trip_keeps_binary_image_bytes() -> None:
 def test_malformed_entries_raise_invalid_job(fields: dict[str, bytes | str | int], message: str) -> None:
     with pytest.raises(InvalidJobError, match=message):
         JobRequest.decode(_wire(fields))
+
+
+def test_job_ids_are_never_altered() -> None:
+    """Valid ids come back byte for byte; anything else is None (the entry id stands in), never a repair."""
+    assert valid_job_id("ordre-№42 ✓".encode()) == "ordre-№42 ✓"
+    assert valid_job_id(("é" * 200).encode()) == "é" * 200  # 200 characters, 400 bytes: fine
+    assert valid_job_id(("é" * 201).encode()) is None
+    assert valid_job_id(b"abc\xff") is None
+    assert valid_job_id(b"") is None and valid_job_id(None) is None
 
 
 def test_result_round_trip_with_raw_tensors() -> None:
@@ -51,6 +64,8 @@ def test_result_round_trip_with_raw_tensors() -> None:
 
 def test_keys_share_one_prefix() -> None:
     keys = Keys("p")
+    assert keys.attempts(keys.stream(1)) == "p:jobs:1:attempts"
+    assert keys.started(keys.stream(1), "w") == "p:jobs:1:started:w"
     assert keys.streams == ("p:jobs:0", "p:jobs:1", "p:jobs:2")
     assert keys.priority_of(keys.stream(2)) == 2
     assert keys.job_id_of_done(keys.done("abc").encode()) == "abc"
@@ -83,6 +98,9 @@ def test_settings_read_dotenv(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None
         ("IMGWORKER_METRICS__PORT", "http", "metrics.port"),
         ("IMGWORKER_BACKEND__TENSORRT__OPTIMIZATION_LEVEL", "9", "backend.tensorrt.optimization_level"),
         ("IMGWORKER_REDIS__BLOCK_MS", "60000", "block_ms must be shorter"),
+        ("IMGWORKER_REDIS__URL", "http://127.0.0.1:6379", "redis.url"),
+        ("IMGWORKER_REDIS__URL", "redis://127.0.0.1:notaport/0", "redis.url"),
+        ("IMGWORKER_LOG_LEVEL", "chatty", "log_level"),
     ],
 )
 def test_invalid_settings_name_the_field(
@@ -91,3 +109,15 @@ def test_invalid_settings_name_the_field(
     monkeypatch.setenv(variable, value)
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         Settings.load()
+
+
+def test_secrets_stay_out_of_settings_errors_and_logs(monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker.connection import redact
+
+    monkeypatch.setenv("IMGWORKER_REDIS__URL", "redis://user:hunter2@127.0.0.1:99999/0")
+    with pytest.raises(ConfigError) as info:
+        Settings.load()
+    assert "hunter2" not in str(info.value) and "redis.url" in str(info.value)
+    assert redact("redis://user:hunter2@host:6379/0") == "redis://user:***@host:6379/0"
+    assert redact("rediss://:hunter2@host/0") == "rediss://:***@host/0"
+    assert redact("redis://host:6379/0") == "redis://host:6379/0"

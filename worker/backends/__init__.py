@@ -16,6 +16,7 @@ logger = logging.getLogger(__name__)
 BACKENDS = {
     "onnxruntime": "worker.backends.onnxruntime:OnnxRuntimeBackend",
     "tensorrt": "worker.backends.tensorrt.backend:TensorRTBackend",
+    "fake": "worker.backends.fake:FakeBackend",
 }
 INSTALL_HINT = {"tensorrt": "pip install 'imgworker[gpu]'", "onnxruntime": "pip install onnxruntime"}
 

@@ -1,7 +1,9 @@
-"""The backend interface: open/close, the bucket specs, ``infer(bucket, batch)``.
+"""The backend interface: open/close, and per bucket a few lanes that each run one batch at a time.
 
-Backends know nothing of Redis or batching. Every backend enforces the same profile rules that
-TensorRT does (shape inside the bucket's min..max, batch <= max), so the CPU path tests them too.
+Backends know nothing of Redis or batching. A lane owns an input buffer sized for its profile's
+max batch (pinned host memory on the GPU): the pipeline writes uint8 pixels straight into it, runs
+it, and reads the outputs, which stay valid until the lane's next run. Every backend enforces the
+same profile rules TensorRT does (shape inside the bucket's min..max), so the CPU path tests them.
 """
 
 from __future__ import annotations
@@ -17,11 +19,11 @@ import numpy as np
 import numpy.typing as npt
 
 from worker.buckets import BucketSpec, ModelSpec
-from worker.errors import BackendError, ShapeOutOfProfileError
+from worker.errors import BackendError, InternalError, ShapeOutOfProfileError
 from worker.settings import BackendSettings
 
-Tensor = npt.NDArray[np.float32]
 Outputs = dict[str, npt.NDArray[Any]]
+Pixels = npt.NDArray[np.uint8]
 
 
 class State(enum.Enum):
@@ -30,8 +32,58 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
+class Lane(abc.ABC):
+    """One execution slot of one bucket; the caller uses a lane from one thread at a time."""
+
+    def __init__(self, bucket: BucketSpec, spec: ModelSpec) -> None:
+        self.bucket = bucket
+        self.spec = spec
+
+    def _check(self, n: int, height: int, width: int) -> None:
+        if not self.bucket.contains(n, height, width):
+            raise ShapeOutOfProfileError(
+                f"bucket {self.bucket.id}: batch shape {n}x{height}x{width} (NxHxW) is outside its profile "
+                f"{'x'.join(map(str, self.bucket.min))} .. {'x'.join(map(str, self.bucket.max))}"
+            )
+
+    def input(self, n: int, height: int, width: int) -> Pixels:
+        """A writable [n, height, width, 3] view of the lane's input buffer."""
+        self._check(n, height, width)
+        return self._input(n, height, width)
+
+    def run(self, n: int, height: int, width: int) -> Outputs:
+        """Run the batch written into ``input(n, height, width)``; outputs are valid until the next run."""
+        self._check(n, height, width)
+        outputs = self._run(n, height, width)
+        for name, array in outputs.items():
+            if array.shape[0] != n:
+                raise InternalError(f"output {name} has {array.shape[0]} rows for a batch of {n}")
+        return outputs
+
+    @abc.abstractmethod
+    def _input(self, n: int, height: int, width: int) -> Pixels: ...
+
+    @abc.abstractmethod
+    def _run(self, n: int, height: int, width: int) -> Outputs: ...
+
+    def close(self) -> None:  # noqa: B027 - an optional hook
+        """Free what the lane holds (device and pinned memory)."""
+
+
+class HostLane(Lane):
+    """A lane whose input is ordinary host memory (CPU backends)."""
+
+    def __init__(self, bucket: BucketSpec, spec: ModelSpec) -> None:
+        super().__init__(bucket, spec)
+        n, h, w = bucket.max
+        self._buffer = np.empty(n * h * w * spec.channels, np.uint8)
+
+    def _input(self, n: int, height: int, width: int) -> Pixels:
+        return self._buffer[: n * height * width * self.spec.channels].reshape(n, height, width, self.spec.channels)
+
+
 class Backend(abc.ABC):
-    """Template: public methods check the lifecycle and the profile, ``_*`` methods do the work."""
+    """Template: public methods check the lifecycle, ``_*`` methods do the work."""
 
     kind = "abstract"
 
@@ -41,22 +93,25 @@ class Backend(abc.ABC):
         self.settings = settings
         self._state = State.UNOPENED
         self._lock = threading.Lock()
+        self._lanes: dict[str, list[Lane]] = {}
+        #: False once a failure left the device unusable (a sticky CUDA error): the worker must restart
         self.healthy = True
-
-    @property
-    def buckets(self) -> tuple[BucketSpec, ...]:
-        return self.spec.buckets
 
     def open(self) -> None:
         with self._lock:
             if self._state is not State.UNOPENED:
                 raise RuntimeError(f"backend is {self._state.value}; a backend opens once")
             self._open()
+            self._lanes = {bucket.id: self._make_lanes(bucket, index) for index, bucket in enumerate(self.spec.buckets)}
             self._state = State.OPEN
 
     def close(self) -> None:
+        """Free everything; the caller makes sure no lane is running."""
         with self._lock:
             if self._state is State.OPEN:
+                for lanes in self._lanes.values():
+                    for lane in lanes:
+                        lane.close()
                 self._close()
             self._state = State.CLOSED
 
@@ -67,43 +122,20 @@ class Backend(abc.ABC):
     def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
         self.close()
 
-    def instances(self, bucket_id: str) -> int:
-        """How many batches of one bucket may run at the same time (one thread each)."""
-        return 1
-
-    def check_batch(self, bucket: BucketSpec, batch: Tensor) -> None:
-        if batch.ndim != 4 or batch.shape[1] != self.spec.channels or batch.dtype != np.float32:
-            raise ShapeOutOfProfileError(
-                f"bucket {bucket.id}: expected float32 [N,{self.spec.channels},H,W], got {batch.dtype} {batch.shape}"
-            )
-        n, _, h, w = batch.shape
-        if not bucket.contains(n, h, w):
-            raise ShapeOutOfProfileError(
-                f"bucket {bucket.id}: batch shape {n}x{h}x{w} (NxHxW) is outside its profile "
-                f"{'x'.join(map(str, bucket.min))} .. {'x'.join(map(str, bucket.max))}"
-            )
-
-    def infer(self, bucket_id: str, batch: Tensor) -> Outputs:
-        """Run one padded batch through the bucket's profile; outputs keep the batch's N first."""
+    def lanes(self, bucket_id: str) -> list[Lane]:
         if self._state is not State.OPEN:
             raise BackendError(f"backend is {self._state.value}, not open")
-        bucket = self.spec.bucket(bucket_id)
-        self.check_batch(bucket, batch)
-        outputs = self._infer(bucket, batch)
-        for name, array in outputs.items():
-            if array.shape[0] != batch.shape[0]:
-                raise BackendError(f"output {name} has {array.shape[0]} rows for a batch of {batch.shape[0]}")
-        return outputs
+        return self._lanes[bucket_id]
 
     def describe(self) -> dict[str, str]:
-        """Labels for the backend_info metric and logs."""
+        """Labels for the build-info metric and logs."""
         return {"kind": self.kind}
 
     @abc.abstractmethod
     def _open(self) -> None: ...
 
     @abc.abstractmethod
-    def _close(self) -> None: ...
+    def _make_lanes(self, bucket: BucketSpec, profile: int) -> list[Lane]: ...
 
-    @abc.abstractmethod
-    def _infer(self, bucket: BucketSpec, batch: Tensor) -> Outputs: ...
+    def _close(self) -> None:  # noqa: B027 - an optional hook
+        """Free what ``_open`` made, after every lane is closed."""

@@ -139,5 +139,5 @@ def copy_to_host(dst: PinnedBuffer, src: DeviceBuffer, nbytes: int, stream: Stre
     ck(cu.cuMemcpyDtoHAsync(dst.address, src.handle, nbytes, stream.handle), "cuMemcpyDtoHAsync")
 
 
-def fill_u32(dst: DeviceBuffer, value: int, count: int, stream: Stream) -> None:
-    ck(cu.cuMemsetD32Async(dst.handle, value, count, stream.handle), "cuMemsetD32Async")
+def fill_u8(dst: DeviceBuffer, value: int, count: int, stream: Stream) -> None:
+    ck(cu.cuMemsetD8Async(dst.handle, value, count, stream.handle), "cuMemsetD8Async")

@@ -1,7 +1,9 @@
-"""ONNX → serialized plan with one optimization profile per bucket, cached on disk.
+"""Engine graph → serialized plan with one optimization profile per bucket, cached on disk.
 
-The cache key covers everything that makes a plan valid: the ONNX file's sha256, the buckets, the
-TensorRT version, the GPU (name and compute capability) and the build options. A plan whose key or
+The plan is built from the engine graph (``worker.graph``: uint8 pixels in, normalisation inside).
+The cache key covers everything that makes a plan valid: the engine graph's sha256 (so the model
+file, the preprocessing and the output type), the buckets, the TensorRT version, the GPU (name and
+compute capability) and the build options. A plan whose key or
 checksum does not match is rebuilt, never trusted. Builds in one plan directory are serialised by a
 file lock, and share a timing cache so rebuilds skip tactic timing they have done before.
 """
@@ -21,23 +23,26 @@ from typing import Any
 
 import tensorrt as trt
 
-from worker.assets import sha256_of
 from worker.backends.tensorrt import _compat
 from worker.backends.tensorrt._cuda import Device
 from worker.backends.tensorrt._logger import trt_logger
 from worker.buckets import ModelSpec
 from worker.errors import ConfigError, EngineLoadError
+from worker.graph import ENGINE_INPUT, engine_graph
 from worker.settings import TensorRTSettings
 
 logger = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 15.0
 
 
-def plan_key(spec: ModelSpec, onnx_sha256: str, settings: TensorRTSettings, device: Device) -> dict[str, Any]:
+def sha256_of(path: Path) -> str:
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def plan_key(spec: ModelSpec, graph: bytes, settings: TensorRTSettings, device: Device) -> dict[str, Any]:
     return {
-        "onnx_sha256": onnx_sha256,
-        "input": spec.input,
-        "channels": spec.channels,
+        "graph_sha256": hashlib.sha256(graph).hexdigest(),
         "profiles": [[b.id, b.min, b.opt, b.max] for b in spec.buckets],
         "tensorrt": _compat.VERSION,
         "gpu": device.name,
@@ -80,14 +85,14 @@ def _progress(what: str) -> Iterator[None]:
         logger.info("%s: done in %.1f s", what, time.monotonic() - started)
 
 
-def build_plan(spec: ModelSpec, onnx_path: Path, settings: TensorRTSettings, timing_cache: Path) -> bytes:
+def build_plan(spec: ModelSpec, graph: bytes, settings: TensorRTSettings, timing_cache: Path) -> bytes:
     log = trt_logger()
     builder = trt.Builder(log)
     network = builder.create_network(_compat.network_flags())
     parser = trt.OnnxParser(network, log)
-    if not parser.parse(onnx_path.read_bytes()):
+    if not parser.parse(graph):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise EngineLoadError(f"TensorRT cannot parse {onnx_path}: {errors}")
+        raise EngineLoadError(f"TensorRT cannot parse the engine graph of {spec.name}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace_mib << 20)
     config.builder_optimization_level = settings.optimization_level
@@ -101,7 +106,7 @@ def build_plan(spec: ModelSpec, onnx_path: Path, settings: TensorRTSettings, tim
     config.set_timing_cache(cache, False)
     for index, bucket in enumerate(spec.buckets):
         profile = builder.create_optimization_profile()
-        profile.set_shape(spec.input, *spec.input_shapes(bucket))
+        profile.set_shape(ENGINE_INPUT, *spec.engine_input_shapes(bucket))
         if config.add_optimization_profile(profile) != index:
             raise EngineLoadError(f"profile for bucket {bucket.id} was not added as profile {index}")
     shapes = ", ".join(f"{b.id} {b.min}..{b.max}" for b in spec.buckets)
@@ -122,7 +127,8 @@ def plan_for(
     onnx_sha256 = sha256_of(onnx_path)
     if onnx_sha256 != spec.sha256:
         raise ConfigError(f"{onnx_path} has sha256 {onnx_sha256}, the spec {spec.name} pins {spec.sha256}")
-    key = plan_key(spec, onnx_sha256, settings, device)
+    graph = engine_graph(onnx_path, spec)
+    key = plan_key(spec, graph, settings, device)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
     plan_dir = settings.plan_dir
     plan_path = plan_dir / f"{spec.name}-{digest[:16]}.plan"
@@ -133,7 +139,7 @@ def plan_for(
             return plan_path
         timing_cache = plan_dir / f"timing-{_compat.VERSION}-{device.compute_capability}.cache"
         started = time.monotonic()
-        plan = build_plan(spec, onnx_path, settings, timing_cache)
+        plan = build_plan(spec, graph, settings, timing_cache)
         build_s = round(time.monotonic() - started, 1)
         partial = plan_path.with_suffix(".partial")
         partial.write_bytes(plan)

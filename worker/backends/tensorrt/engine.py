@@ -12,6 +12,7 @@ import tensorrt as trt
 from worker.backends.tensorrt._logger import trt_logger
 from worker.buckets import ModelSpec
 from worker.errors import EngineLoadError
+from worker.graph import ENGINE_INPUT
 
 
 @dataclass(frozen=True)
@@ -43,11 +44,12 @@ def io_tensors(engine: Any) -> list[TensorInfo]:
 def check_profiles(engine: Any, spec: ModelSpec) -> None:
     """Profile i must be bucket i, shape for shape: a plan for other buckets is never used."""
     inputs = [t.name for t in io_tensors(engine) if t.is_input]
-    if inputs != [spec.input]:
-        raise EngineLoadError(f"plan inputs are {inputs}, the spec expects [{spec.input!r}]")
+    if inputs != [ENGINE_INPUT]:
+        raise EngineLoadError(f"plan inputs are {inputs}, the engine graph has [{ENGINE_INPUT!r}]")
     if engine.num_optimization_profiles != len(spec.buckets):
         raise EngineLoadError(f"plan has {engine.num_optimization_profiles} profiles for {len(spec.buckets)} buckets")
     for index, bucket in enumerate(spec.buckets):
-        actual = tuple(tuple(int(d) for d in dims) for dims in engine.get_tensor_profile_shape(spec.input, index))
-        if actual != spec.input_shapes(bucket):
-            raise EngineLoadError(f"profile {index} is {actual}, bucket {bucket.id} needs {spec.input_shapes(bucket)}")
+        actual = tuple(tuple(int(d) for d in dims) for dims in engine.get_tensor_profile_shape(ENGINE_INPUT, index))
+        wanted = spec.engine_input_shapes(bucket)
+        if actual != wanted:
+            raise EngineLoadError(f"profile {index} is {actual}, bucket {bucket.id} needs {wanted}")

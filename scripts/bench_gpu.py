@@ -1,0 +1,399 @@
+#!/usr/bin/env python3
+"""The worker end to end against its own engine, on one plan, in one run (a GPU machine).
+
+measure (on the GPU machine, once per precision):
+  raw engine   on the uniform corpus's batch shape: GPU-only time (CUDA events, one context), and
+               1, 2 and 4 contexts looping on full batches with copies (pixels into pinned memory,
+               host to device, execute, device to host), one thread each;
+  worker       `python -m worker run` (``--processes`` of them on the GPU) against a local
+               redis-server, every job submitted up front, throughput in the steady window (10% to
+               90% of results), p50/p99, mean batch, CPU cores used; for two corpora:
+               uniform: real photos resized to one shape (512x384 JPEG), so every batch can be full;
+               mixed:   the sample photos as they come; the raw engine then replays the same batch
+                        mix (the bucket, shape and size of every batch the worker ran);
+  boxes        of a sample of real photos, to compare fp16 with fp32.
+report (anywhere): docs/performance.md with the table, the ratios and a plot (PNG).
+
+  python3.11 scripts/bench_gpu.py measure --precision fp32 --out bench-fp32.json
+  python3.11 scripts/bench_gpu.py measure --precision fp16 --out bench-fp16.json
+  python scripts/bench_gpu.py report bench-fp32.json bench-fp16.json [--cpu bench-cpu.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.support.boxes import unmatched  # noqa: E402
+from tests.support.redis_server import RedisServer  # noqa: E402
+from tests.support.workers import run_jobs, worker_env  # noqa: E402
+from worker.buckets import ModelSpec, load_model_spec  # noqa: E402
+from worker.settings import Settings  # noqa: E402
+
+SPEC = REPO / "tests" / "gpu" / "spec_small.yaml"
+UNIFORM_SIZE = (512, 384)  # width, height: the m512 bucket's opt shape, no padding
+CONTEXTS = (1, 2, 4)
+#: fp16 against fp32: boxes scoring at least this must have a counterpart of IoU >= BOX_IOU
+CLEAR_SCORE, BOX_IOU = 0.6, 0.9
+
+
+def photos(settings: Settings) -> list[Path]:
+    folder = settings.assets_dir / "photos"
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
+
+
+def uniform_corpus(settings: Settings, count: int) -> list[bytes]:
+    import cv2
+
+    encoded = []
+    for photo in photos(settings):
+        image = cv2.imread(str(photo), cv2.IMREAD_COLOR)
+        if image is not None and min(image.shape[:2]) >= 64:
+            resized = cv2.resize(image, UNIFORM_SIZE, interpolation=cv2.INTER_AREA)
+            encoded.append(cv2.imencode(".jpg", resized, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes())
+    return [encoded[i % len(encoded)] for i in range(count)]
+
+
+def mixed_corpus(settings: Settings, count: int) -> list[bytes]:
+    data = [p.read_bytes() for p in photos(settings)]
+    return [data[i % len(data)] for i in range(count)]
+
+
+# ---- raw engine ----------------------------------------------------------------------------
+
+
+def open_engine(settings: Settings, spec: ModelSpec, lanes: int) -> Any:
+    from worker.backends.tensorrt.backend import TensorRTBackend
+
+    tensorrt = settings.backend.tensorrt.model_copy(update={"instances": lanes})
+    backend = TensorRTBackend(
+        spec, settings.onnx_path(spec.onnx), settings.backend.model_copy(update={"tensorrt": tensorrt})
+    )
+    backend.open()
+    return backend
+
+
+def gpu_only_img_s(backend: Any, bucket: str, shape: tuple[int, int, int], runs: int = 200) -> float:
+    n, h, w = shape
+    lane = backend.lanes(bucket)[0]
+    lane.input(n, h, w)[:] = np.random.default_rng(0).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+    for _ in range(20):
+        lane.time_execute(n, h, w)
+    return n / (statistics.median(lane.time_execute(n, h, w) for _ in range(runs)) / 1000)
+
+
+def loop_lanes(backend: Any, batches: list[tuple[str, np.ndarray]], contexts: int, seconds: float) -> float:
+    """Images/s of ``contexts`` threads, each with lanes of its own, taking batches round robin."""
+    feed = itertools.cycle(batches)
+    lock = threading.Lock()
+    done = [0] * contexts
+    stop = time.monotonic() + seconds
+
+    def loop(worker: int) -> None:
+        while time.monotonic() < stop:
+            with lock:
+                bucket, pixels = next(feed)
+            n, h, w, _ = pixels.shape
+            lane = backend.lanes(bucket)[worker]
+            lane.input(n, h, w)[:] = pixels
+            lane.run(n, h, w)
+            done[worker] += n
+
+    for worker in range(contexts):  # warm-up, outside the timed loop
+        bucket, pixels = batches[0]
+        lane = backend.lanes(bucket)[worker]
+        lane.input(*pixels.shape[:3])[:] = pixels
+        lane.run(*pixels.shape[:3])
+    started = time.monotonic()
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(contexts)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sum(done) / (time.monotonic() - started)
+
+
+def real_pixels(
+    settings: Settings, spec: ModelSpec, shapes: list[tuple[str, int, int, int]]
+) -> list[tuple[str, np.ndarray]]:
+    """Batches of real photos at the given (bucket, n, h, w) shapes (resized, so no padding)."""
+    import cv2
+
+    sources = [cv2.imread(str(p), cv2.IMREAD_COLOR) for p in photos(settings)[:32]]
+    out = []
+    for k, (bucket, n, h, w) in enumerate(shapes):
+        batch = np.stack([cv2.resize(sources[(k + i) % len(sources)], (w, h)) for i in range(n)])
+        out.append((bucket, batch))
+    return out
+
+
+# ---- the worker ----------------------------------------------------------------------------
+
+
+def worker_run(settings: Settings, images: list[bytes], processes: int, extra_env: dict[str, str]) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as workdir:
+        server = RedisServer(Path(workdir))
+        server.start()
+        try:
+            assert server.process is not None
+            env = worker_env(server.url, IMGWORKER_LOG_LEVEL="INFO", **extra_env)
+            run = run_jobs(env, images, redis_pid=server.process.pid, workers=processes, timeout_s=1200)
+        finally:
+            server.stop()
+    ok = [r for r in run.results if r.status == "ok"]
+    assert len(ok) == len(images), f"{len(images) - len(ok)} jobs failed: {[r.message for r in run.results][:3]}"
+    totals = [r.result["timings_ms"]["total"] for r in ok]
+    batches = sum(v for (name, _), v in run.metrics.items() if name == "imgworker_batch_size_count")
+    mix: dict[tuple[str, int, int, int], float] = {}
+    for r in ok:  # every batch the worker ran, counted from its jobs: size n means n jobs
+        body = r.result
+        key = (body["bucket"], body["batch_size"], body["input"]["padded_height"], body["input"]["padded_width"])
+        mix[key] = mix.get(key, 0) + 1 / body["batch_size"]
+    return {
+        "jobs": len(images),
+        "img_s": run.steady_rate,
+        "p50_ms": statistics.median(totals),
+        "p99_ms": float(np.percentile(totals, 99)),
+        "mean_batch": len(images) / max(batches, 1),
+        "cores": run.worker_cores,
+        "redis_cores": run.redis_cores,
+        "processes": processes,
+        "batch_mix": [[*key, round(count)] for key, count in mix.items()],
+    }
+
+
+def sample_boxes(settings: Settings, spec: ModelSpec, count: int = 40) -> dict[str, list[Any]]:
+    """Boxes of real photos through the TensorRT backend, one at a time (no batch companions)."""
+    from worker.graph import engine_output
+    from worker.imaging import ByteBudget, Limits, prepare
+    from worker.postprocess import text_boxes
+
+    backend = open_engine(settings, spec, 1)
+    try:
+        out = {}
+        for photo in photos(settings)[:: max(len(photos(settings)) // count, 1)][:count]:
+            p = prepare(photo.read_bytes(), spec, Limits(40_000_000, 1 << 30), ByteBudget(1 << 30))
+            lane = backend.lanes(p.bucket.id)[0]
+            lane.input(1, p.height, p.width)[0] = p.image
+            prob = lane.run(1, p.height, p.width)[engine_output(spec)]
+            out[photo.name] = text_boxes(prob[0, 0], spec.postprocess, p.original_height, p.original_width)
+        return out
+    finally:
+        backend.close()
+
+
+def measure(args: argparse.Namespace) -> int:
+    fp16 = args.precision == "fp16"
+    env = {
+        "IMGWORKER_MODEL_SPEC": str(SPEC),
+        "IMGWORKER_BACKEND__KIND": "tensorrt",
+        "IMGWORKER_BACKEND__TENSORRT__FP16": "true" if fp16 else "false",
+        "IMGWORKER_BACKEND__TENSORRT__TF32": "false",
+    }
+    os.environ.update(env)
+    settings = Settings.load()
+    spec = load_model_spec(SPEC)
+    from worker.backends.tensorrt.build import plan_for
+
+    started = time.monotonic()
+    plan = plan_for(spec, settings.onnx_path(spec.onnx), settings.backend.tensorrt)
+    meta = json.loads(plan.with_suffix(".json").read_text())
+    print(f"plan {plan.name}: built in {meta['build_s']} s, found in {time.monotonic() - started:.1f} s", flush=True)
+
+    uniform_shape = ("m512", spec.bucket("m512").max[0], UNIFORM_SIZE[1], UNIFORM_SIZE[0])
+    backend = open_engine(settings, spec, max(CONTEXTS))
+    try:
+        info = backend.describe()
+        raw = {"gpu_only": gpu_only_img_s(backend, "m512", uniform_shape[1:])}
+        uniform_batches = real_pixels(settings, spec, [uniform_shape] * 8)
+        for contexts in CONTEXTS:
+            raw[f"contexts_{contexts}"] = loop_lanes(backend, uniform_batches, contexts, args.seconds)
+            print(f"raw engine, {contexts} contexts: {raw[f'contexts_{contexts}']:.0f} img/s", flush=True)
+    finally:
+        backend.close()
+
+    results: dict[str, Any] = {
+        "precision": args.precision,
+        "date": datetime.date.today().isoformat(),
+        "gpu": info.get("device"),
+        "tensorrt": info.get("tensorrt"),
+        "cpus": os.cpu_count(),
+        "plan": plan.name,
+        "build_s": meta["build_s"],
+        "uniform_shape": list(uniform_shape),
+        "raw": raw,
+    }
+    extra = {f"IMGWORKER_{k}": v for k, v in (item.split("=", 1) for item in args.env)}
+    for corpus, images in (
+        ("uniform", uniform_corpus(settings, args.jobs)),
+        ("mixed", mixed_corpus(settings, args.jobs)),
+    ):
+        run = worker_run(settings, images, args.processes, {**env, **extra})
+        results[corpus] = run
+        print(
+            f"worker, {corpus}: {run['img_s']:.0f} img/s, p50 {run['p50_ms']:.0f} ms, p99 {run['p99_ms']:.0f} ms, "
+            f"mean batch {run['mean_batch']:.1f}, {run['cores']:.1f} cores",
+            flush=True,
+        )
+    backend = open_engine(settings, spec, max(CONTEXTS))
+    try:
+        mix = [(b, n, h, w) for b, n, h, w, count in results["mixed"]["batch_mix"] for _ in range(int(count))]
+        replay = real_pixels(settings, spec, [mix[i] for i in np.random.default_rng(1).permutation(len(mix))[:200]])
+        results["mixed"]["raw"] = {f"contexts_{c}": loop_lanes(backend, replay, c, args.seconds) for c in CONTEXTS}
+    finally:
+        backend.close()
+    results["boxes"] = sample_boxes(settings, spec)
+    args.out.write_text(json.dumps(results, indent=1))
+    print(f"written {args.out}", flush=True)
+    return 0
+
+
+# ---- report --------------------------------------------------------------------------------
+
+
+def ratio(run: dict[str, Any], raw: dict[str, float]) -> float:
+    return float(run["img_s"] / max(v for k, v in raw.items() if k.startswith("contexts_")))
+
+
+def box_agreement(fp32: dict[str, list[Any]], fp16: dict[str, list[Any]]) -> tuple[int, int]:
+    """(clear boxes, clear boxes without a counterpart), both ways."""
+    clear = missing = 0
+    for name in fp32.keys() & fp16.keys():
+        for a, b in ((fp32[name], fp16[name]), (fp16[name], fp32[name])):
+            clear += sum(1 for box in a if box["score"] >= CLEAR_SCORE)
+            missing += len(unmatched(a, b, BOX_IOU, CLEAR_SCORE))
+    return clear, missing
+
+
+def plot(runs: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, values, colors = [], [], []
+    for run in runs:
+        p = run["precision"]
+        for key in ("gpu_only", *(f"contexts_{c}" for c in CONTEXTS)):
+            labels.append(f"{p} engine {key.replace('contexts_', '').replace('gpu_only', 'GPU-only')}")
+            values.append(run["raw"][key])
+            colors.append("#9db4c0")
+        labels.append(f"{p} worker uniform")
+        values.append(run["uniform"]["img_s"])
+        colors.append("#2a6f97")
+        labels.append(f"{p} worker mixed")
+        values.append(run["mixed"]["img_s"])
+        colors.append("#f4a261")
+    fig, ax = plt.subplots(figsize=(10, 0.35 * len(labels) + 1))
+    ax.barh(labels[::-1], values[::-1], color=colors[::-1])
+    ax.set_xlabel("images/s")
+    ax.set_title(f"{runs[0]['gpu']}, TensorRT {runs[0]['tensorrt']}: engine (contexts) and worker end to end")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def report(args: argparse.Namespace) -> int:
+    runs = [json.loads(p.read_text()) for p in args.results]
+    cpu = json.loads(args.cpu.read_text()) if args.cpu else None
+    first = runs[0]
+    out = args.docs / "performance.md"
+    png = args.docs / "performance.png"
+    plot(runs, png)
+    lines = [
+        "# Performance",
+        "",
+        f"Measured {first['date']} on the lent GPU machine ({first['gpu']}, TensorRT {first['tensorrt']}, "
+        f"{first['cpus']} CPU cores) by `scripts/bench_gpu.py`, one plan per precision "
+        f"(`tests/gpu/spec_small.yaml`: buckets s256 up to 16x256x256 and m512 up to 16x512x512; TF32 off).",
+        "",
+        "Ratios: the worker end to end (from Redis, steady window) over the best raw engine figure "
+        "(1, 2 or 4 contexts with copies) on the same plan and batch shapes:",
+        "",
+    ]
+    for run in runs:
+        for corpus in ("uniform", "mixed"):
+            raw = run["raw"] if corpus == "uniform" else run["mixed"]["raw"]
+            lines.append(f"    ratio {corpus} {run['precision']}: {ratio(run[corpus], raw):.2f}")
+    lines += [
+        "",
+        "![images/s per configuration](performance.png)",
+        "",
+        "| precision | what | images/s | p50 ms | p99 ms | mean batch | CPU cores |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for run in runs:
+        p, raw = run["precision"], run["raw"]
+        n, h, w = run["uniform_shape"][1:]
+        lines.append(f"| {p} | engine, GPU time only (CUDA events), {n}x{h}x{w} | {raw['gpu_only']:.0f} | | | | |")
+        for c in CONTEXTS:
+            lines.append(
+                f"| {p} | engine, {c} context(s) with copies, {n}x{h}x{w} | {raw[f'contexts_{c}']:.0f} | | | | |"
+            )
+        for corpus in ("uniform", "mixed"):
+            r = run[corpus]
+            lines.append(
+                f"| {p} | worker, {corpus} corpus, {r['jobs']} jobs, {r['processes']} process(es) | {r['img_s']:.0f} | "
+                f"{r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['mean_batch']:.1f} | {r['cores']:.1f} |"
+            )
+        for c in CONTEXTS:
+            replay = run["mixed"]["raw"][f"contexts_{c}"]
+            lines.append(f"| {p} | engine replaying the mixed batch mix, {c} context(s) | {replay:.0f} | | | | |")
+    fp = {run["precision"]: run for run in runs}
+    if {"fp32", "fp16"} <= fp.keys():
+        clear, missing = box_agreement(fp["fp32"]["boxes"], fp["fp16"]["boxes"])
+        lines += [
+            "",
+            f"fp16 against fp32 on {len(fp['fp32']['boxes'])} real photos: {clear} boxes scoring at least "
+            f"{CLEAR_SCORE} (both ways), {missing} without a counterpart of IoU >= {BOX_IOU}.",
+        ]
+    if cpu:
+        lines += [
+            "",
+            "## The CPU side alone (`scripts/bench_cpu.py --backend fake`)",
+            "",
+            f"{cpu['jobs']} {cpu['size']} JPEGs, the fake backend (a recorded map, no model): the worker ran "
+            f"{cpu['img_s']:.0f} images/s on {cpu['cores']:.2f} cores = **{cpu['per_core']:.0f} images/s per core**; "
+            f"a one-image-at-a-time loop does {cpu['baseline_img_s']:.0f} per core on the same machine.",
+        ]
+    out.write_text("\n".join(lines) + "\n")
+    print(out.read_text())
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    m = sub.add_parser("measure")
+    m.add_argument("--precision", choices=("fp32", "fp16"), required=True)
+    m.add_argument("--out", type=Path, required=True)
+    m.add_argument("--jobs", type=int, default=4000)
+    m.add_argument("--seconds", type=float, default=5.0, help="per raw engine configuration")
+    m.add_argument("--processes", type=int, default=1, help="worker processes on the GPU")
+    m.add_argument("--env", nargs="*", default=[], metavar="SECTION__FIELD=VALUE", help="more worker settings")
+    m.set_defaults(handler=measure)
+    r = sub.add_parser("report")
+    r.add_argument("results", type=Path, nargs="+")
+    r.add_argument("--cpu", type=Path, help="bench_cpu.py --json output")
+    r.add_argument("--docs", type=Path, default=REPO / "docs")
+    r.set_defaults(handler=report)
+    args = parser.parse_args()
+    return int(args.handler(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,279 @@
+"""The pipeline in process (fake backend, real redis-server): outcomes, failures, windows, charging."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from tests.conftest import settings_for
+from tests.support.faulty import POISON_BGR, FaultyFakeBackend
+from tests.support.inprocess import serving
+from tests.support.redis_server import RedisServer
+from worker.backends.fake import FakeBackend
+from worker.buckets import ModelSpec
+from worker.client import AsyncClient
+from worker.protocol import Keys
+from worker.settings import Settings
+
+KEYS = Keys()
+POISON = cv2.imencode(".png", np.full((96, 64, 3), POISON_BGR, np.uint8))[1].tobytes()
+
+
+def _doc(client: redis.Redis, job_id: str) -> dict[str, Any] | None:
+    raw = client.hget(KEYS.result(job_id), "json")
+    return None if raw is None else json.loads(raw)  # type: ignore[arg-type]
+
+
+def _settled(client: redis.Redis) -> bool:
+    return all(client.xlen(s) == 0 and client.xpending(s, "workers")["pending"] == 0 for s in KEYS.streams)
+
+
+def _faulty(settings: Settings, spec: ModelSpec, onnx_path: Path, mode: str) -> FaultyFakeBackend:
+    backend = FaultyFakeBackend(spec, onnx_path, settings.backend)
+    backend.mode = mode
+    backend.open()
+    return backend
+
+
+async def test_every_job_answered_once_in_shared_batches(redis_url: str, photos: list[Path]) -> None:
+    settings = settings_for(redis_url)
+    async with serving(settings) as running, AsyncClient(redis_url) as client:
+        ids = await client.submit_many(photos[:80])
+        results = await client.wait_many(ids, timeout_s=120)
+        stop_code = await running.stop()
+    assert stop_code == 0
+    assert all(r.status == "ok" for r in results.values())
+    assert {r.result["attempts"] for r in results.values()} == {1}
+    sizes = [r.result["batch_size"] for r in results.values()]
+    assert max(sizes) > 1, "jobs must have shared batches"
+    timings = results[ids[0]].result["timings_ms"]
+    assert {"queue", "decode_wait", "decode", "batch_wait", "inference", "postprocess", "total"} <= set(timings)
+    sync = redis.Redis.from_url(redis_url)
+    assert _settled(sync)
+    assert all(sync.llen(KEYS.done(j)) == 0 for j in ids)  # the waiter took each job's one notification
+
+
+@pytest.mark.parametrize("mode", ["bug", "transient"])
+async def test_a_failing_job_fails_alone_and_the_worker_keeps_serving(
+    redis_url: str, photos: list[Path], spec: ModelSpec, onnx_path: Path, mode: str
+) -> None:
+    settings = settings_for(redis_url, redis={"max_deliveries": 2})
+    backend = _faulty(settings, spec, onnx_path, mode)
+    async with serving(settings, spec, backend) as running, AsyncClient(redis_url) as client:
+        good = await client.submit_many(photos[:12])
+        bad = await client.submit(POISON, job_id="poison")
+        more = await client.submit_many(photos[12:20])
+        results = await client.wait_many([*good, bad, *more], timeout_s=60)
+        assert running.service.ready()
+        assert await running.stop() == 0
+    assert all(results[j].status == "ok" for j in [*good, *more])
+    if mode == "bug":  # a bug is final: no retry
+        assert (results[bad].code, results[bad].status) == ("internal_error", "error")
+    else:  # transient: retried alone, then dead-lettered with the last error
+        assert results[bad].code == "max_deliveries", results[bad].message
+        assert "gave up after 2 failed attempts; last error: backend_error: a transient failure" in results[bad].message
+        dead = redis.Redis.from_url(redis_url).xrange(KEYS.dead_letter)
+        assert len(dead) == 1 and dead[0][1][b"job_id"] == b"poison" and dead[0][1][b"attempts"] == b"2"
+    assert _settled(redis.Redis.from_url(redis_url))
+
+
+async def test_a_postprocessing_bug_fails_that_job_only(
+    redis_url: str, photos: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worker import executor
+
+    real = executor.text_boxes
+
+    def text_boxes(prob: np.ndarray, *args: Any) -> Any:
+        if prob.shape == (96, 64):  # the one small image of this test
+            raise RuntimeError("a bug in postprocessing")
+        return real(prob, *args)
+
+    monkeypatch.setattr(executor, "text_boxes", text_boxes)
+    async with serving(settings_for(redis_url)) as running, AsyncClient(redis_url) as client:
+        ids = await client.submit_many([*photos[:6], POISON, *photos[6:12]])
+        results = await client.wait_many(ids, timeout_s=60)
+        assert running.service.ready() and len(running.service.inflight) == 0
+    codes = [results[j].code for j in ids]
+    assert codes == ["", "", "", "", "", "", "internal_error", "", "", "", "", "", ""]
+
+
+async def test_a_lost_device_stops_the_worker_and_leaves_its_jobs(
+    redis_url: str, photos: list[Path], spec: ModelSpec, onnx_path: Path
+) -> None:
+    settings = settings_for(redis_url)
+    backend = _faulty(settings, spec, onnx_path, "sticky")
+    async with serving(settings, spec, backend) as running, AsyncClient(redis_url) as client:
+        await client.submit(POISON, job_id="poison")
+        code = await asyncio.wait_for(running.task, 30)
+        assert code == 1 and not running.service.ready()
+    sync = redis.Redis.from_url(redis_url)
+    assert _doc(sync, "poison") is None  # not settled: left for a healthy worker
+    assert sum(sync.xlen(s) for s in KEYS.streams) == 1
+    assert not sync.keys(KEYS.lease("*"))  # lease dropped: others may take it at once
+
+
+async def test_a_hung_batch_is_detected_and_the_worker_exits(redis_url: str, spec: ModelSpec, onnx_path: Path) -> None:
+    settings = settings_for(redis_url, pipeline={"stall_s": 2})
+    backend = _faulty(settings, spec, onnx_path, "hang")
+    started = time.monotonic()
+    try:
+        async with serving(settings, spec, backend) as running, AsyncClient(redis_url) as client:
+            await client.submit(POISON)
+            code = await asyncio.wait_for(running.task, 30)
+            waited = time.monotonic() - started
+            assert code == 1 and running.service.wedged and not running.service.ready()
+            assert not running.service.lanes_idle()  # the hung batch still holds its lane: never closed under it
+    finally:
+        backend.release.set()  # else the hung thread would hold the interpreter at exit
+    assert 2 <= waited < 10, f"wedge detected after {waited:.1f} s with stall_s 2"
+    sync = redis.Redis.from_url(redis_url)
+    charged = sync.hgetall(KEYS.attempts(KEYS.stream(1)))
+    assert list(charged.values())[:1] == [b"1"] and b"stalled" in b"".join(charged.values())
+
+
+async def test_malformed_entries_get_one_error_each_and_never_wedge(redis_url: str, photos: list[Path]) -> None:
+    """256 entries with a 5000-digit enqueued_ms (this wedged the worker before), then real work."""
+    raw = aioredis.Redis.from_url(redis_url)
+    stream = KEYS.stream(1)
+    await raw.xgroup_create(stream, "workers", id="0", mkstream=True)
+    for i in range(256):
+        await raw.xadd(stream, {"v": 1, "id": f"wedge-{i}", "image": b"x", "enqueued_ms": "9" * 5000})
+    settings = settings_for(redis_url, pipeline={"max_inflight": 16})
+    async with serving(settings) as running, AsyncClient(redis_url) as client:
+        ids = await client.submit_many(photos[:10])
+        results = await client.wait_many([*[f"wedge-{i}" for i in range(256)], *ids], timeout_s=60)
+        stopped = time.monotonic()
+        assert await running.stop() == 0
+        assert time.monotonic() - stopped < 5
+    assert all(results[f"wedge-{i}"].code == "invalid_job" for i in range(256))
+    assert all(results[j].status == "ok" for j in ids)
+    await raw.aclose()
+
+
+async def test_ids_that_are_not_utf8_or_too_long_answer_under_the_entry_id(redis_url: str) -> None:
+    raw = redis.Redis.from_url(redis_url)
+    stream = KEYS.stream(1)
+    raw.xgroup_create(stream, "workers", id="0", mkstream=True)
+    bad_utf8 = raw.xadd(stream, {"v": 1, "id": b"job-\xff\xfe", "image": POISON}).decode()
+    too_long = raw.xadd(stream, {"v": 1, "id": "x" * 201, "image": POISON}).decode()
+    fine = raw.xadd(stream, {"v": 1, "id": "j\u00e9-1", "image": POISON}).decode()
+    async with serving(settings_for(redis_url)) as running:
+        async with AsyncClient(redis_url) as client:
+            results = await client.wait_many([bad_utf8, too_long, "j\u00e9-1"], timeout_s=30)
+        await running.stop()
+    assert results[bad_utf8].code == results[too_long].code == "invalid_job"
+    assert results[bad_utf8].job_id == bad_utf8 and "UTF-8" in results[bad_utf8].message
+    assert results["j\u00e9-1"].status == "ok" and fine
+    assert not raw.keys(KEYS.result("job-*")) and not raw.keys(KEYS.result("x" * 200))  # no altered id anywhere
+
+
+async def test_raw_xadd_duplicates_run_twice_and_the_first_settled_result_stays(redis_url: str) -> None:
+    """Producers that bypass the enqueue script can add an id twice: one result, one notification."""
+    raw = redis.Redis.from_url(redis_url)
+    stream = KEYS.stream(1)
+    raw.xgroup_create(stream, "workers", id="0", mkstream=True)
+    small = cv2.imencode(".png", np.zeros((40, 40, 3), np.uint8))[1].tobytes()
+    raw.xadd(stream, {"v": 1, "id": "twice", "image": POISON})
+    raw.xadd(stream, {"v": 1, "id": "twice", "image": small})
+    async with serving(settings_for(redis_url)) as running:
+        deadline = time.monotonic() + 30
+        while not _settled(raw) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await running.stop()
+    doc = _doc(raw, "twice")
+    assert doc is not None and doc["status"] == "ok"
+    assert doc["result"]["image"]["height"] in (96, 40)  # whichever settled first
+    assert raw.llen(KEYS.done("twice")) == 1
+    assert _settled(raw)
+
+
+async def test_read_ahead_stays_within_the_window(redis_url: str, photos: list[Path]) -> None:
+    settings = settings_for(redis_url, backend={"fake": {"batch_ms": 20}})
+    async with serving(settings) as running, AsyncClient(redis_url) as client:
+        window = running.service.inflight.capacity
+        ids = await client.submit_many(photos * 2)
+        peak = 0
+        waiting = asyncio.create_task(client.wait_many(ids, timeout_s=120))
+        while not waiting.done():
+            peak = max(peak, len(running.service.inflight))
+            pending = 0
+            for stream in KEYS.streams:
+                pending += (await client.redis.xpending(stream, "workers"))["pending"]
+            assert pending <= window + 2, f"{pending} entries pending with a window of {window}"
+            await asyncio.sleep(0.01)
+        await waiting
+    expected = sum(2 * 2 * b.max_batch for b in running.service.spec.buckets)  # two lanes per bucket
+    assert window == expected and 0 < peak <= window
+
+
+async def test_a_dead_workers_started_jobs_are_charged_and_run_alone(redis_url: str, photos: list[Path]) -> None:
+    """A consumer died holding 10 entries, 4 of them started: only those 4 are charged, and they
+    run alone, one at a time; the 6 it had only read are ordinary deliveries again."""
+    raw = redis.Redis.from_url(redis_url)
+    async with AsyncClient(redis_url) as client:
+        ids = await client.submit_many(photos[:10])
+    stream = KEYS.stream(1)
+    raw.xgroup_create(stream, "workers", id="0", mkstream=True)
+    entries = raw.xreadgroup("workers", "dead-worker", {stream: ">"}, count=10)[0][1]
+    started = [e[0].decode() for e in entries[:4]]
+    raw.sadd(KEYS.started(stream, "dead-worker"), *started)
+    time.sleep(1.1)  # idle past half the 2 s lease, which the dead worker never held
+    async with serving(settings_for(redis_url)) as running, AsyncClient(redis_url) as client:
+        results = await client.wait_many(ids, timeout_s=60)
+        await running.stop()
+    by_entry = {e[0].decode(): results[e[1][b"id"].decode()] for e in entries}
+    for entry, result in by_entry.items():
+        assert result.status == "ok"
+        if entry in started:
+            assert result.result["attempts"] == 2 and result.result["batch_size"] == 1, entry
+        else:
+            assert result.result["attempts"] == 1, entry
+    assert not raw.hgetall(KEYS.attempts(stream)) and not raw.exists(KEYS.started(stream, "dead-worker"))
+
+
+async def test_a_stop_during_warm_up_ends_within_the_grace_period(redis_url: str) -> None:
+    settings = settings_for(redis_url, backend={"fake": {"batch_ms": 3000}}, shutdown_grace_s=2)
+    async with serving(settings, wait_ready=False) as running:
+        await asyncio.sleep(0.3)
+        started = time.monotonic()
+        running.service.stop()
+        code = await asyncio.wait_for(running.task, 10)
+        took = time.monotonic() - started
+    assert code == 0 and took < 2, f"stop during warm-up took {took:.1f} s"
+
+
+async def test_settling_rides_out_a_redis_restart(
+    tmp_path: Path, photos: list[Path], spec: ModelSpec, onnx_path: Path
+) -> None:
+    """Redis dies after the jobs were read: they settle once it is back (AOF kept them)."""
+    server = RedisServer(tmp_path, "--appendonly", "yes", "--appendfsync", "always")
+    server.start()
+    try:
+        settings = settings_for(server.url, backend={"fake": {"batch_ms": 1500}})
+        backend = FakeBackend(spec, onnx_path, settings.backend)
+        backend.open()
+        async with serving(settings, spec, backend) as running, AsyncClient(server.url) as client:
+            ids = await client.submit_many(photos[:8])
+            while len(running.service.inflight) < 8:
+                await asyncio.sleep(0.01)
+            server.stop()
+            async with asyncio.timeout(10):
+                while running.service.ready():  # readiness follows Redis
+                    await asyncio.sleep(0.05)
+            server.start()
+            results = await client.wait_many(ids, timeout_s=60)
+            await running.stop()
+        assert all(r.status == "ok" for r in results.values())
+        assert _settled(server.client())
+    finally:
+        server.stop()

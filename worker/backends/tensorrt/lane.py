@@ -1,0 +1,145 @@
+"""One execution lane of a bucket: an execution context bound to the bucket's profile, its own CUDA
+stream, device buffers and pinned host buffers sized for the profile's max shape, reused per batch.
+
+The pipeline writes uint8 pixels straight into the pinned input buffer; a run copies only the
+batch's bytes in and its outputs out, and waits on this lane's stream alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from worker.backends.base import Lane, Outputs, Pixels
+from worker.backends.tensorrt import _compat
+from worker.backends.tensorrt._cuda import (
+    CudaError,
+    Device,
+    DeviceBuffer,
+    PinnedBuffer,
+    Stream,
+    copy_to_device,
+    copy_to_host,
+    fill_u8,
+)
+from worker.backends.tensorrt._logger import trt_logger
+from worker.backends.tensorrt.engine import io_tensors
+from worker.buckets import BucketSpec, ModelSpec
+from worker.errors import BackendError, EngineLoadError, ShapeOutOfProfileError
+from worker.graph import ENGINE_INPUT
+
+
+class TensorRTLane(Lane):
+    def __init__(
+        self,
+        engine: Any,
+        spec: ModelSpec,
+        bucket: BucketSpec,
+        *,
+        profile: int,
+        device: Device,
+        on_sticky: Callable[[], None],
+    ) -> None:
+        super().__init__(bucket, spec)
+        self.profile = profile
+        self.device = device
+        self._on_sticky = on_sticky
+        device.bind()
+        self.context = _compat.create_context(engine)
+        if self.context is None:
+            raise EngineLoadError(f"cannot create an execution context for bucket {bucket.id} (out of GPU memory?)")
+        self.stream = Stream()
+        if not self.context.set_optimization_profile_async(profile, self.stream.address):
+            raise EngineLoadError(f"cannot bind profile {profile} to a context of bucket {bucket.id}")
+        self.stream.synchronize()
+        tensors = io_tensors(engine)
+        self.input_tensor = next(t for t in tensors if t.is_input)
+        if self.input_tensor.name != ENGINE_INPUT or self.input_tensor.dtype != np.uint8:
+            raise EngineLoadError(
+                f"plan input is {self.input_tensor.name} {self.input_tensor.dtype}, expected {ENGINE_INPUT} uint8"
+            )
+        self.output_tensors = [t for t in tensors if not t.is_input]
+        max_shape = spec.engine_input_shapes(bucket)[2]
+        if not self.context.set_input_shape(self.input_tensor.name, max_shape):
+            raise EngineLoadError(f"profile {profile} rejects its own max shape {max_shape}")
+        sizes = {self.input_tensor.name: int(np.prod(max_shape))}
+        for out in self.output_tensors:
+            shape = tuple(self.context.get_tensor_shape(out.name))
+            if min(shape) < 0:
+                raise EngineLoadError(f"output {out.name} has a data-dependent shape {shape}; not supported")
+            sizes[out.name] = int(np.prod(shape)) * out.dtype.itemsize
+        self.device_buffers = {name: DeviceBuffer(n) for name, n in sizes.items()}
+        self.host_buffers = {name: PinnedBuffer(n) for name, n in sizes.items()}
+        for name, buffer in self.device_buffers.items():
+            self.context.set_tensor_address(name, buffer.address)
+        self._shape = max_shape
+
+    def _input(self, n: int, height: int, width: int) -> Pixels:
+        view: Pixels = self.host_buffers[self.input_tensor.name].view((n, height, width, self.spec.channels), np.uint8)
+        return view
+
+    def _run(self, n: int, height: int, width: int) -> Outputs:
+        """Shape → H2D → execute_async_v3 → D2H, then wait on this lane's stream only."""
+        try:
+            return self._execute(n, height, width, copy=True)
+        except CudaError as exc:
+            if exc.sticky:
+                self._on_sticky()
+            raise
+
+    def _execute(self, n: int, height: int, width: int, copy: bool) -> Outputs:
+        self.device.bind()
+        shape = (n, height, width, self.spec.channels)
+        # TensorRT 8.6's set_input_shape accepts shapes outside the profile: Lane.run checked it first.
+        if shape != self._shape:
+            if not self.context.set_input_shape(self.input_tensor.name, shape):
+                raise ShapeOutOfProfileError(f"TensorRT rejected shape {shape} on profile {self.profile}")
+            self._shape = shape
+        if copy:
+            nbytes = n * height * width * self.spec.channels
+            copy_to_device(
+                self.device_buffers[self.input_tensor.name],
+                self.host_buffers[self.input_tensor.name],
+                nbytes,
+                self.stream,
+            )
+        if not self.context.execute_async_v3(self.stream.address):
+            self.stream.synchronize()
+            raise BackendError(f"execute_async_v3 failed on bucket {self.bucket.id}: {trt_logger().last_error}")
+        views = {}
+        if copy:
+            for out in self.output_tensors:
+                view = self.host_buffers[out.name].view(tuple(self.context.get_tensor_shape(out.name)), out.dtype)
+                copy_to_host(self.host_buffers[out.name], self.device_buffers[out.name], view.nbytes, self.stream)
+                views[out.name] = view
+        self.stream.synchronize()
+        return views
+
+    def time_execute(self, n: int, height: int, width: int) -> float:
+        """Benchmarks only: GPU milliseconds of one execution (CUDA events), no copies."""
+        self.device.bind()
+        self.stream.record(0)
+        self._execute(n, height, width, copy=False)
+        self.stream.record(1)
+        self.stream.synchronize()
+        return self.stream.elapsed_ms()
+
+    def poison_outputs(self, byte: int) -> None:
+        """Tests only: fill the device outputs with one byte value, to prove a run overwrites them all."""
+        self.device.bind()
+        for out in self.output_tensors:
+            buffer = self.device_buffers[out.name]
+            fill_u8(buffer, byte, buffer.nbytes, self.stream)
+        self.stream.synchronize()
+
+    def close(self) -> None:
+        self.device.bind()
+        self.stream.synchronize()
+        for buffer in self.device_buffers.values():
+            buffer.free()
+        for pinned in self.host_buffers.values():
+            pinned.free()
+        self.stream.destroy()
+        del self.context

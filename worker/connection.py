@@ -1,0 +1,83 @@
+"""Redis connections for both sides (worker and producer): TLS, credentials, retries, error mapping.
+
+Every redis-py exception is translated here and only here: a refused password or permission is a
+ConfigError (fatal, exit 2: retrying cannot fix it); anything else is a BrokerError (transient).
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import AuthenticationError, AuthorizationError, NoPermissionError, RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from worker.errors import BrokerError, ConfigError
+from worker.settings import RedisSettings
+
+_FATAL = (AuthenticationError, AuthorizationError, NoPermissionError)
+
+
+def redact(url: str) -> str:
+    """The URL with any password replaced, fit for logs and error messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = f"{parts.username}:" if parts.username else ":"
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host += f":{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{user}***@{host}"))
+
+
+def connection_options(settings: RedisSettings) -> dict[str, Any]:
+    """redis-py keyword arguments beyond the URL: credentials, TLS, timeouts and retries."""
+    options: dict[str, Any] = {
+        "socket_timeout": settings.socket_timeout_s + settings.block_ms / 1000,
+        "socket_connect_timeout": settings.socket_timeout_s,
+        "retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=3),
+        "retry_on_error": [RedisConnectionError, RedisTimeoutError],
+        "health_check_interval": 30,
+    }
+    if settings.password is not None:
+        options["password"] = settings.password.get_secret_value()
+    if urlsplit(settings.url).scheme == "rediss":
+        options["ssl_cert_reqs"] = ssl.CERT_REQUIRED
+        options["ssl_check_hostname"] = settings.tls_check_hostname
+        if settings.tls_ca_file is not None:
+            options["ssl_ca_certs"] = str(settings.tls_ca_file)
+        if settings.tls_cert_file is not None:
+            options["ssl_certfile"] = str(settings.tls_cert_file)
+        if settings.tls_key_file is not None:
+            options["ssl_keyfile"] = str(settings.tls_key_file)
+    return options
+
+
+def connect(settings: RedisSettings) -> aioredis.Redis:
+    return aioredis.Redis.from_url(settings.url, **connection_options(settings))
+
+
+def broker_error(what: str, exc: RedisError, url: str) -> Exception:
+    """The project's error for a redis-py one: ConfigError when credentials are refused."""
+    detail = str(exc).replace(url, redact(url)) if url else str(exc)
+    if isinstance(exc, _FATAL):
+        return ConfigError(f"redis at {redact(url)} refused the credentials ({what}): {detail}")
+    if isinstance(exc, RedisConnectionError) and "CERTIFICATE_VERIFY_FAILED" in detail:
+        return ConfigError(f"redis at {redact(url)}: TLS certificate verification failed: {detail}")
+    return BrokerError(f"redis {what} failed: {detail}")
+
+
+@contextmanager
+def mapped(what: str, url: str = "") -> Iterator[None]:
+    """Translate redis-py exceptions raised inside the block (see ``broker_error``)."""
+    try:
+        yield
+    except RedisError as exc:
+        raise broker_error(what, exc, url) from exc

@@ -1,0 +1,225 @@
+"""One bucket's execution: assemble a batch into a lane, run it, postprocess, one outcome per job.
+
+Every job that enters ``infer`` comes back with exactly one outcome, whatever raises: a final
+result to settle (ok, expired, or internal_error for a bug) or a Retry (a transient failure: left
+pending, charged an attempt). A failing batch is split and rerun one job at a time, so one bad
+input fails alone. Lanes run on threads of their own; postprocessing runs on the shared CPU pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy.typing as npt
+
+from worker.backends.base import Backend, Lane
+from worker.buckets import BucketSpec, ModelSpec
+from worker.errors import BackendError, JobExpiredError, TransientError
+from worker.graph import engine_output
+from worker.imaging import Prepared, assemble
+from worker.metrics import Metrics
+from worker.postprocess import text_boxes
+from worker.protocol import Delivery, JobRequest, JobResult, Settlement
+
+logger = logging.getLogger(__name__)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass
+class Job:
+    delivery: Delivery
+    request: JobRequest
+    prepared: Prepared
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def padded_shape(self) -> tuple[int, int]:
+        return self.prepared.padded_height, self.prepared.padded_width
+
+    def expired(self) -> JobExpiredError | None:
+        deadline = self.request.deadline_ms
+        if deadline and now_ms() > deadline:
+            return JobExpiredError(f"deadline passed {now_ms() - deadline} ms before inference")
+        return None
+
+    def failure(self, code: str, message: str) -> Settlement:
+        result = JobResult.failure(self.request.job_id, code, message)
+        return result.settlement(self.delivery, self.prepared.bucket.id, self.request.enqueued_ms)
+
+
+@dataclass(frozen=True)
+class Retry:
+    """A transient failure: the job stays pending, charged one attempt, and is delivered again."""
+
+    job: Job
+    error: TransientError
+
+
+@dataclass(frozen=True)
+class Inferred:
+    """A job's outputs, cropped to its valid region and copied out of the lane."""
+
+    job: Job
+    outputs: dict[str, npt.NDArray[Any]]
+    batch_size: int
+
+
+Outcome = Settlement | Retry
+
+
+class BucketExecutor:
+    def __init__(
+        self, bucket: BucketSpec, spec: ModelSpec, backend: Backend, metrics: Metrics, cpu_pool: Executor
+    ) -> None:
+        self.bucket = bucket
+        self.spec = spec
+        self.backend = backend
+        self.metrics = metrics
+        self.lanes = backend.lanes(bucket.id)
+        self._cpu_pool = cpu_pool
+        self._lane_threads = ThreadPoolExecutor(len(self.lanes), thread_name_prefix=f"lane-{bucket.id}")
+        self._pad = spec.preprocess.pad_value()
+        self._output = engine_output(spec)
+        #: batches inside a lane right now: the backend may be closed only at zero
+        self.running = 0
+        self._running_lock = threading.Lock()
+
+    def shutdown(self) -> None:
+        self._lane_threads.shutdown(wait=False, cancel_futures=True)
+
+    async def warm_up(self, lane: Lane) -> None:
+        """One batch at the profile's opt shape, so the first job does not pay for lazy set-up."""
+        n, h, w = self.bucket.opt
+
+        def run() -> None:
+            lane.input(n, h, w)[:] = self._pad
+            lane.run(n, h, w)
+
+        await self._on_lane_thread(run)
+
+    async def _on_lane_thread(self, fn: Any, *args: Any) -> Any:
+        """Counted until the thread is done, not until the await ends: a cancelled wait leaves it running."""
+        with self._running_lock:
+            self.running += 1
+        future = self._lane_threads.submit(fn, *args)
+        future.add_done_callback(self._lane_done)
+        return await asyncio.wrap_future(future)
+
+    def _lane_done(self, _: object) -> None:
+        with self._running_lock:
+            self.running -= 1
+
+    async def infer(self, lane: Lane, jobs: list[Job]) -> list[Inferred | Outcome]:
+        """Run one batch on ``lane``; one entry per job, in no particular order."""
+        done: list[Inferred | Outcome] = []
+        live = []
+        for job in jobs:
+            if (expired := job.expired()) is not None:
+                done.append(job.failure(expired.code, str(expired)))
+            else:
+                live.append(job)
+        if not live:
+            return done
+        started = time.perf_counter()
+        try:
+            outputs, waste = await self._on_lane_thread(self._run_on_lane, lane, live)
+        except Exception as exc:
+            return done + await self._failed(lane, live, exc)
+        infer_s = time.perf_counter() - started
+        self.metrics.inference.labels(self.bucket.id).observe(infer_s)
+        self.metrics.batch_size.labels(self.bucket.id).observe(len(live))
+        self.metrics.batch_fill.labels(self.bucket.id).observe(len(live) / self.bucket.max_batch)
+        self.metrics.padding_waste.labels(self.bucket.id).observe(waste)
+        for job, out in zip(live, outputs, strict=True):
+            job.timings_ms["inference"] = round(infer_s * 1000, 2)
+            done.append(Inferred(job, out, len(live)))
+        return done
+
+    def _run_on_lane(self, lane: Lane, jobs: list[Job]) -> tuple[list[dict[str, npt.NDArray[Any]]], float]:
+        """On the lane's thread: pixels straight into the lane's buffer, run, copy out valid regions."""
+        height, width = jobs[0].padded_shape
+        n = len(jobs)
+        waste = assemble(lane.input(n, height, width), [job.prepared.image for job in jobs], self._pad)
+        outputs = lane.run(n, height, width)
+        crops = []
+        for i, job in enumerate(jobs):
+            h, w = job.prepared.height, job.prepared.width
+            wanted = outputs.items() if job.request.want_tensors else [(self._output, outputs[self._output])]
+            crops.append({name: out[i, ..., :h, :w].copy() for name, out in wanted})
+        return crops, waste
+
+    async def _failed(self, lane: Lane, jobs: list[Job], exc: Exception) -> list[Inferred | Outcome]:
+        if not self.backend.healthy:
+            logger.error("backend is unusable (%s); its jobs are left for other workers", exc)
+            error = exc if isinstance(exc, BackendError) else BackendError(str(exc))
+            return [Retry(job, error) for job in jobs]
+        if len(jobs) > 1:
+            logger.warning("batch of %d on bucket %s failed (%s); rerunning one by one", len(jobs), self.bucket.id, exc)
+            return [outcome for job in jobs for outcome in await self.infer(lane, [job])]
+        job = jobs[0]
+        if isinstance(exc, TransientError):
+            logger.warning(
+                "job %s failed on bucket %s (attempt %d): %s",
+                job.request.job_id,
+                self.bucket.id,
+                job.delivery.attempts + 1,
+                exc,
+            )
+            return [Retry(job, exc)]
+        logger.error("job %s hit a bug on bucket %s", job.request.job_id, self.bucket.id, exc_info=exc)
+        return [job.failure("internal_error", f"internal error running the batch: {type(exc).__name__}")]
+
+    async def postprocess(self, inferred: list[Inferred]) -> list[Settlement]:
+        """Boxes and encoded results for a batch, on the CPU pool."""
+        started = time.perf_counter()
+        settlements: list[Settlement] = await asyncio.get_running_loop().run_in_executor(
+            self._cpu_pool, self._results, inferred
+        )
+        self.metrics.postprocess.labels(self.bucket.id).observe(time.perf_counter() - started)
+        return settlements
+
+    def _results(self, inferred: list[Inferred]) -> list[Settlement]:
+        out = []
+        for item in inferred:
+            try:
+                out.append(self._result(item))
+            except Exception:
+                logger.exception("postprocessing job %s failed", item.job.request.job_id)
+                out.append(item.job.failure("internal_error", "internal error building the result"))
+        return out
+
+    def _result(self, item: Inferred) -> Settlement:
+        job, p = item.job, item.job.prepared
+        started = time.perf_counter()
+        boxes = text_boxes(item.outputs[self._output][0], self.spec.postprocess, p.original_height, p.original_width)
+        job.timings_ms["postprocess"] = round((time.perf_counter() - started) * 1000, 2)
+        if job.request.enqueued_ms:
+            job.timings_ms["total"] = float(max(now_ms() - job.request.enqueued_ms, 0))
+        body = {
+            "boxes": boxes,
+            "image": {"height": p.original_height, "width": p.original_width},
+            "input": {
+                "height": p.height,
+                "width": p.width,
+                "padded_height": p.padded_height,
+                "padded_width": p.padded_width,
+            },
+            "bucket": self.bucket.id,
+            "batch_size": item.batch_size,
+            "model": self.spec.name,
+            "deliveries": job.delivery.deliveries,
+            "attempts": job.delivery.attempts + 1,
+            "timings_ms": job.timings_ms,
+        }
+        tensors = item.outputs if job.request.want_tensors else {}
+        result = JobResult(job.request.job_id, "ok", result=body, tensors=tensors)
+        return result.settlement(job.delivery, self.bucket.id, job.request.enqueued_ms)

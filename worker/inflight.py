@@ -1,0 +1,62 @@
+"""The entries a worker holds: a bounded table that is its read-ahead window and its drain signal.
+
+Every held entry is released exactly once (settled, left for a retry, or left for others at a
+stop); how long entries have been held is what the watchdog reads to tell a wedged pipeline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+from worker.protocol import Delivery
+
+
+class Inflight:
+    def __init__(self, capacity: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.capacity = capacity
+        self._clock = clock
+        self._held: dict[str, tuple[Delivery, float]] = {}
+        self._changed = asyncio.Condition()
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._held
+
+    @property
+    def free(self) -> int:
+        return max(self.capacity - len(self._held), 0)
+
+    def keys(self) -> set[str]:
+        return set(self._held)
+
+    def deliveries(self) -> list[Delivery]:
+        return [delivery for delivery, _ in self._held.values()]
+
+    def hold(self, delivery: Delivery) -> None:
+        if delivery.key in self._held:
+            raise RuntimeError(f"entry {delivery.key} is held already")
+        self._held[delivery.key] = (delivery, self._clock())
+
+    async def release(self, deliveries: list[Delivery]) -> None:
+        for delivery in deliveries:
+            self._held.pop(delivery.key, None)
+        async with self._changed:
+            self._changed.notify_all()
+
+    def held_longer_than(self, seconds: float) -> list[Delivery]:
+        now = self._clock()
+        return [delivery for delivery, taken in self._held.values() if now - taken > seconds]
+
+    async def wait(self, predicate: Callable[[], bool]) -> None:
+        """Until ``predicate`` holds; it is checked again whenever entries are released."""
+        async with self._changed:
+            await self._changed.wait_for(predicate)
+
+    async def wake(self) -> None:
+        """Re-check every waiter's predicate (a stop, say)."""
+        async with self._changed:
+            self._changed.notify_all()
