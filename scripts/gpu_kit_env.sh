@@ -10,8 +10,11 @@ if [ ! -f $site/.ready ]; then
   cv2_dir=$(python3 -c 'import cv2, os; print(os.path.dirname(cv2.__file__))')
   ln -sfn "$cv2_dir" $site/cv2
   for libs in "$(dirname "$cv2_dir")"/opencv_python*.libs; do [ -d "$libs" ] && ln -sfn "$libs" $site/; done
+  mkdir -p $site/bin  # wheels' scripts (py-spy) lose their mode in a zip extraction
+  for tool in $site/*.data/scripts/*; do [ -f "$tool" ] && chmod +x "$tool" && ln -sf "$tool" $site/bin/; done
   touch $site/.ready
 fi
+export PATH=$site/bin:$PATH
 export PYTHONPATH=$site:$PWD
 export IMGWORKER_ASSETS_DIR=$PWD/.assets
 export IMGWORKER_BACKEND__TENSORRT__PLAN_DIR=/tmp/imgworker-plans
