@@ -70,13 +70,18 @@ def baseline(images: list[bytes], settings: Settings) -> float:
         backend.close()
 
 
-def measure_worker(images: list[bytes], extra_env: dict[str, str]) -> dict[str, float]:
+def measure_worker(images: list[bytes], extra_env: dict[str, str], processes: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as workdir:
         server = RedisServer(Path(workdir))
         server.start()
         try:
             assert server.process is not None
-            run = run_jobs(worker_env(server.url, **extra_env), list(images), redis_pid=server.process.pid)
+            run = run_jobs(
+                worker_env(server.url, **extra_env),
+                list(images),
+                redis_pid=server.process.pid,
+                args=("--processes", str(processes)),
+            )
         finally:
             server.stop()
     totals = sorted(r.result["timings_ms"]["total"] for r in run.results if r.status == "ok")
@@ -98,6 +103,7 @@ def main() -> int:
     parser.add_argument("--size", default="640x480", help="WIDTHxHEIGHT of the JPEGs")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--batch-ms", type=float, default=0.0, help="fake backend: milliseconds per batch")
+    parser.add_argument("--processes", type=int, default=1, help="worker processes (run --processes)")
     parser.add_argument("--json", type=Path, help="also write the medians here")
     args = parser.parse_args()
     width, height = (int(v) for v in args.size.split("x"))
@@ -110,7 +116,7 @@ def main() -> int:
     runs = []
     for run in range(args.repeat):
         base = baseline(images[: min(len(images), 300)], settings)
-        worker = measure_worker(images, env)
+        worker = measure_worker(images, env, args.processes)
         runs.append({"baseline_img_s": base, **worker})
         print(
             f"run {run + 1}: baseline {base:.1f} img/s on one core; worker {worker['img_s']:.1f} img/s "
@@ -118,7 +124,8 @@ def main() -> int:
             flush=True,
         )
     median = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
-    print(f"{jobs} {width}x{height} JPEGs, backend {args.backend}, median of {args.repeat} runs")
+    what = f"backend {args.backend}, {args.processes} process(es)"
+    print(f"{jobs} {width}x{height} JPEGs, {what}, median of {args.repeat} runs")
     print(f"baseline (one thread, one image at a time, no queue): {median['baseline_img_s']:.1f} images/s per core")
     print(
         f"worker (Redis, buckets, batching): {median['img_s']:.1f} images/s on {median['cores']:.2f} cores = "
@@ -127,7 +134,11 @@ def main() -> int:
     )
     print(f"worker latency, all submitted at once: p50 {median['p50_ms']:.0f} ms, p99 {median['p99_ms']:.0f} ms")
     if args.json:
-        args.json.write_text(json.dumps({"backend": args.backend, "size": args.size, "jobs": jobs, **median}))
+        args.json.write_text(
+            json.dumps(
+                {"backend": args.backend, "size": args.size, "jobs": jobs, "processes": args.processes, **median}
+            )
+        )
     return 0
 
 

@@ -152,7 +152,8 @@ def worker_run(settings: Settings, images: list[bytes], processes: int, extra_en
         try:
             assert server.process is not None
             env = worker_env(server.url, IMGWORKER_LOG_LEVEL="INFO", **extra_env)
-            run = run_jobs(env, images, redis_pid=server.process.pid, workers=processes, timeout_s=1200)
+            args = ("--processes", str(processes))
+            run = run_jobs(env, images, redis_pid=server.process.pid, args=args, timeout_s=1200)
         finally:
             server.stop()
     ok = [r for r in run.results if r.status == "ok"]
@@ -239,17 +240,27 @@ def measure(args: argparse.Namespace) -> int:
         "raw": raw,
     }
     extra = {f"IMGWORKER_{k}": v for k, v in (item.split("=", 1) for item in args.env)}
-    for corpus, images in (
-        ("uniform", uniform_corpus(settings, args.jobs)),
-        ("mixed", mixed_corpus(settings, args.jobs)),
-    ):
-        run = worker_run(settings, images, args.processes, {**env, **extra})
-        results[corpus] = run
+    worker_env = {**env, "IMGWORKER_BACKEND__TENSORRT__INSTANCES": str(args.contexts), **extra}
+    uniform = uniform_corpus(settings, args.jobs)
+    sweep = {}
+    for processes in args.processes:  # choose the process count by measuring it
+        run = worker_run(settings, uniform, processes, worker_env)
+        sweep[processes] = run
         print(
-            f"worker, {corpus}: {run['img_s']:.0f} img/s, p50 {run['p50_ms']:.0f} ms, p99 {run['p99_ms']:.0f} ms, "
-            f"mean batch {run['mean_batch']:.1f}, {run['cores']:.1f} cores",
+            f"worker, uniform, {processes} processes: {run['img_s']:.0f} img/s, p50 {run['p50_ms']:.0f} ms, "
+            f"p99 {run['p99_ms']:.0f} ms, mean batch {run['mean_batch']:.1f}, {run['cores']:.1f} cores",
             flush=True,
         )
+    best = max(sweep, key=lambda p: sweep[p]["img_s"])
+    results["sweep"] = {p: {k: v for k, v in r.items() if k != "batch_mix"} for p, r in sweep.items()}
+    results["uniform"] = sweep[best]
+    run = worker_run(settings, mixed_corpus(settings, args.jobs), best, worker_env)
+    results["mixed"] = run
+    print(
+        f"worker, mixed, {best} processes: {run['img_s']:.0f} img/s, p50 {run['p50_ms']:.0f} ms, "
+        f"p99 {run['p99_ms']:.0f} ms, mean batch {run['mean_batch']:.1f}, {run['cores']:.1f} cores",
+        flush=True,
+    )
     backend = open_engine(settings, spec, max(CONTEXTS))
     try:
         mix = [(b, n, h, w) for b, n, h, w, count in results["mixed"]["batch_mix"] for _ in range(int(count))]
@@ -344,6 +355,12 @@ def report(args: argparse.Namespace) -> int:
             lines.append(
                 f"| {p} | engine, {c} context(s) with copies, {n}x{h}x{w} | {raw[f'contexts_{c}']:.0f} | | | | |"
             )
+        for processes, r in sorted(run.get("sweep", {}).items(), key=lambda kv: int(kv[0])):
+            if r is not run["uniform"] and int(processes) != run["uniform"]["processes"]:
+                lines.append(
+                    f"| {p} | worker, uniform corpus, {r['jobs']} jobs, {processes} process(es) | {r['img_s']:.0f} | "
+                    f"{r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['mean_batch']:.1f} | {r['cores']:.1f} |"
+                )
         for corpus in ("uniform", "mixed"):
             r = run[corpus]
             lines.append(
@@ -383,7 +400,13 @@ def main() -> int:
     m.add_argument("--out", type=Path, required=True)
     m.add_argument("--jobs", type=int, default=4000)
     m.add_argument("--seconds", type=float, default=5.0, help="per raw engine configuration")
-    m.add_argument("--processes", type=int, default=1, help="worker processes on the GPU")
+    m.add_argument(
+        "--processes",
+        type=lambda text: [int(p) for p in text.split(",")],
+        default=[1],
+        help="worker process counts to try (comma-separated); the best runs the mixed corpus too",
+    )
+    m.add_argument("--contexts", type=int, default=4, help="execution contexts per bucket in the engine")
     m.add_argument("--env", nargs="*", default=[], metavar="SECTION__FIELD=VALUE", help="more worker settings")
     m.set_defaults(handler=measure)
     r = sub.add_parser("report")

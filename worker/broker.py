@@ -27,6 +27,7 @@ from worker.connection import broker_error, connect
 from worker.protocol import (
     CHARGE_SCRIPT,
     FORGET_CONSUMER_SCRIPT,
+    READ_SCRIPT,
     SETTLE_SCRIPT,
     Delivery,
     Keys,
@@ -70,6 +71,7 @@ class Broker:
         self._settle = self.redis.register_script(SETTLE_SCRIPT)
         self._forget_consumer = self.redis.register_script(FORGET_CONSUMER_SCRIPT)
         self._charge = self.redis.register_script(CHARGE_SCRIPT)
+        self._read = self.redis.register_script(READ_SCRIPT)
 
     async def aclose(self) -> None:
         await self.redis.aclose()
@@ -107,18 +109,33 @@ class Broker:
         await self._call("forget consumer", self._forget_consumer(keys=keys, args=[self.settings.group, consumer]))
 
     async def read(self, count: int) -> list[Delivery]:
-        """Up to ``count`` new entries, strictly by priority: a lower stream is read only when the
-        higher ones have none left. Blocks up to block_ms when every stream is empty."""
-        deliveries: list[Delivery] = []
-        for stream in self.keys.streams:
-            deliveries += await self._read_group({stream: ">"}, count - len(deliveries), block_ms=None)
-            if len(deliveries) >= count:
-                return deliveries
+        """Up to ``count`` new entries, strictly by priority (a lower stream is read only when the
+        higher ones have none left), marked started. Blocks up to block_ms when every stream is empty."""
+        started = [self.keys.started(stream, self.consumer) for stream in self.keys.streams]
+        try:
+            reply = await self._read(
+                keys=[*self.keys.streams, *started], args=[self.settings.group, self.consumer, count]
+            )
+        except ResponseError as exc:
+            if _group_lost(exc):
+                await self.ensure_groups()
+                return []
+            raise broker_error("read", exc, self.settings.url) from exc
+        except RedisError as exc:
+            raise broker_error("read", exc, self.settings.url) from exc
+        deliveries = [
+            Delivery(_text(stream), _text(entry_id), dict(zip(fields[::2], fields[1::2], strict=True)), 1)
+            for stream, entries in reply
+            for entry_id, fields in entries
+            if fields
+        ]
         if deliveries:
             return deliveries
-        # One blocking read over every stream takes COUNT from each: a share each keeps the total in bounds.
+        # Nothing queued: block on every stream at once (not possible in a script). COUNT applies to
+        # each stream, so a share each keeps the total in bounds.
         share = max(count // len(self.keys.streams), 1)
         blocked = await self._read_group({s: ">" for s in self.keys.streams}, share, self.settings.block_ms)
+        await self.mark_started(blocked)
         return sorted(blocked, key=lambda d: self.keys.priority_of(d.stream))
 
     async def _read_group(self, streams: dict[Any, Any], count: int, block_ms: int | None) -> list[Delivery]:
@@ -145,7 +162,8 @@ class Broker:
             return list(await pipe.execute())
 
     async def mark_started(self, deliveries: Sequence[Delivery]) -> None:
-        """Record that this worker started these entries: charged to them if it dies before settling."""
+        """Record that this worker started these entries: charged to them if it dies before settling.
+        (``read`` marks what it returns; reclaimed entries are marked when they are admitted.)"""
         if deliveries:
             await self._call(
                 "mark started",

@@ -145,7 +145,35 @@ async def _serve(settings: Settings, burst: bool) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     settings = _settings(args)
     configure_logging(settings.log_level, settings.log_format)
+    if args.processes > 1 or args.gpus:
+        from worker.supervisor import supervise
+
+        return supervise(settings, args.processes, args.gpus, args.burst)
     return asyncio.run(_serve(settings, args.burst))
+
+
+def cmd_serve_engine(args: argparse.Namespace) -> int:
+    """The engine server of one GPU: its lanes, lent to worker processes over a Unix socket."""
+    from worker.backends import open_backend
+    from worker.backends.remote import EngineServer
+    from worker.buckets import load_model_spec
+
+    settings = _settings(args)
+    configure_logging(settings.log_level, settings.log_format)
+    if settings.backend.kind == "remote":
+        raise ConfigError("serve-engine opens the engine itself: backend.kind cannot be remote")
+    spec = load_model_spec(settings.model_spec)
+    backend = open_backend(spec, settings.onnx_path(spec.onnx), settings.backend)
+    server = EngineServer(backend, spec, args.socket)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: server.close())
+    try:
+        server.serve_forever()
+    finally:
+        server.close()
+        if server.attached == 0:  # else a worker's batch may still be running on a lane
+            backend.close()
+    return 0
 
 
 # ---- enqueue -----------------------------------------------------------------------------------
@@ -333,7 +361,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-host", metavar="ADDRESS", help="address the metrics port binds (IMGWORKER_METRICS__HOST)"
     )
     run.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"), type=str.upper)
+    run.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="worker processes (per GPU); on a GPU they share one engine server, see docs/operations.md",
+    )
+    run.add_argument("--gpus", metavar="all|0,1", help="one engine server and N workers on each of these GPUs")
     run.set_defaults(handler=cmd_run)
+
+    engine = command("serve-engine", "serve the engine's lanes to worker processes (started by run --processes)")
+    engine.add_argument("--socket", type=Path, required=True, help="Unix socket path to listen on")
+    engine.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"), type=str.upper)
+    engine.set_defaults(handler=cmd_serve_engine)
 
     enqueue = command("enqueue", "submit images (files, directories, globs); one line per input")
     redis_url(enqueue)

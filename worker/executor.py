@@ -88,6 +88,13 @@ class BucketExecutor:
         self._cpu_pool = cpu_pool
         self._lane_threads = ThreadPoolExecutor(len(self.lanes), thread_name_prefix=f"lane-{bucket.id}")
         self._pad = spec.preprocess.pad_value()
+        labels = {"bucket": bucket.id}
+        self._inference = metrics.inference.labels(**labels)
+        self._batch_size = metrics.batch_size.labels(**labels)
+        self._batch_fill = metrics.batch_fill.labels(**labels)
+        self._padding_waste = metrics.padding_waste.labels(**labels)
+        self._postprocess = metrics.postprocess.labels(**labels)
+        self.batch_wait = metrics.batch_wait.labels(**labels)
         self._output = engine_output(spec)
         #: batches inside a lane right now: the backend may be closed only at zero
         self.running = 0
@@ -135,10 +142,10 @@ class BucketExecutor:
         except Exception as exc:
             return done + await self._failed(lane, live, exc)
         infer_s = time.perf_counter() - started
-        self.metrics.inference.labels(self.bucket.id).observe(infer_s)
-        self.metrics.batch_size.labels(self.bucket.id).observe(len(live))
-        self.metrics.batch_fill.labels(self.bucket.id).observe(len(live) / self.bucket.max_batch)
-        self.metrics.padding_waste.labels(self.bucket.id).observe(waste)
+        self._inference.observe(infer_s)
+        self._batch_size.observe(len(live))
+        self._batch_fill.observe(len(live) / self.bucket.max_batch)
+        self._padding_waste.observe(waste)
         for job, out in zip(live, outputs, strict=True):
             job.timings_ms["inference"] = round(infer_s * 1000, 2)
             done.append(Inferred(job, out, len(live)))
@@ -184,7 +191,7 @@ class BucketExecutor:
         settlements: list[Settlement] = await asyncio.get_running_loop().run_in_executor(
             self._cpu_pool, self._results, inferred
         )
-        self.metrics.postprocess.labels(self.bucket.id).observe(time.perf_counter() - started)
+        self._postprocess.observe(time.perf_counter() - started)
         return settlements
 
     def _results(self, inferred: list[Inferred]) -> list[Settlement]:
@@ -202,8 +209,9 @@ class BucketExecutor:
         started = time.perf_counter()
         boxes = text_boxes(item.outputs[self._output][0], self.spec.postprocess, p.original_height, p.original_width)
         job.timings_ms["postprocess"] = round((time.perf_counter() - started) * 1000, 2)
+        finished_ms = now_ms()
         if job.request.enqueued_ms:
-            job.timings_ms["total"] = float(max(now_ms() - job.request.enqueued_ms, 0))
+            job.timings_ms["total"] = float(max(finished_ms - job.request.enqueued_ms, 0))
         body = {
             "boxes": boxes,
             "image": {"height": p.original_height, "width": p.original_width},
@@ -219,6 +227,7 @@ class BucketExecutor:
             "deliveries": job.delivery.deliveries,
             "attempts": job.delivery.attempts + 1,
             "timings_ms": job.timings_ms,
+            "finished_ms": finished_ms,
         }
         tensors = item.outputs if job.request.want_tensors else {}
         result = JobResult(job.request.job_id, "ok", result=body, tensors=tensors)

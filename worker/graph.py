@@ -13,12 +13,13 @@ TensorRT run the same augmented graph, so the CPU and GPU paths share one defini
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from worker.buckets import ModelSpec
+from worker.buckets import BucketSpec, ModelSpec
 from worker.errors import EngineLoadError
 
 ENGINE_INPUT = "image"
@@ -102,3 +103,10 @@ def engine_graph(onnx_path: Path, spec: ModelSpec) -> bytes:
         raise EngineLoadError(f"cannot read the ONNX model {onnx_path}: {exc}") from exc
     serialized: bytes = augment(model, spec).SerializeToString()
     return serialized
+
+
+def output_capacity(spec: ModelSpec, bucket: BucketSpec) -> dict[str, tuple[np.dtype[Any], tuple[int, ...]]]:
+    """Each engine output's dtype and largest shape for a bucket (what a buffer must hold)."""
+    dtype = np.dtype(np.uint8 if spec.engine_output == "uint8" else np.float32)
+    n, h, w = bucket.max
+    return {engine_output(spec): (dtype, (n, 1, h, w))}

@@ -88,6 +88,25 @@ return out
 """
 
 
+#: Reads up to COUNT new entries strictly by priority and marks them started, in one round trip.
+#: KEYS: the streams, highest priority first, then this consumer's started set of each.
+#: ARGV: group, consumer, count. Returns [[stream, [[entry id, [field, value, ...]], ...]], ...].
+READ_SCRIPT = """
+local out, left, n = {}, tonumber(ARGV[3]), #KEYS / 2
+for i = 1, n do
+  if left <= 0 then break end
+  local reply = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', left, 'STREAMS', KEYS[i], '>')
+  if reply then
+    local entries = reply[1][2]
+    for _, entry in ipairs(entries) do redis.call('SADD', KEYS[n + i], entry[1]) end
+    left = left - #entries
+    table.insert(out, {KEYS[i], entries})
+  end
+end
+return out
+"""
+
+
 @dataclass(frozen=True)
 class Keys:
     """Every Redis key this project uses, built from one prefix."""

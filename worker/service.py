@@ -25,7 +25,7 @@ from worker.executor import BucketExecutor, Inferred, Job, Retry
 from worker.imaging import ByteBudget, Limits, Prepared, prepare
 from worker.inflight import Inflight
 from worker.metrics import Metrics
-from worker.protocol import Delivery, JobRequest, JobResult, Settlement, valid_job_id
+from worker.protocol import PRIORITIES, Delivery, JobRequest, JobResult, Settlement, valid_job_id
 from worker.settings import Settings
 from worker.settler import BROKER_RETRY_S, Settler
 
@@ -70,6 +70,8 @@ class Service:
         window = pipeline.max_inflight or sum(2 * len(ex.lanes) * ex.bucket.max_batch for ex in self.executors.values())
         self.inflight = Inflight(window)
         self.settler = Settler(broker, self.inflight, metrics, self._set_redis)
+        self._received = {p: metrics.jobs_received.labels(p) for p in PRIORITIES}
+        self._queue_wait = {p: metrics.queue_wait.labels(p) for p in PRIORITIES}
         metrics.inflight.set_function(lambda: len(self.inflight))
         metrics.decode_budget_used.set_function(lambda: self._budget.used)
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -310,9 +312,8 @@ class Service:
         fresh = [d for d in deliveries if d.attempts == 0]
         for delivery in fresh:
             self.inflight.hold(delivery)
-        await self.broker.mark_started(fresh)
-        for delivery in fresh:
-            self._spawn(f"admit {delivery.key}", self._admit(delivery))
+        await self.broker.mark_started([d for d in fresh if d.deliveries > 1])  # reclaimed: not marked yet
+        self._admit_chunks(fresh)
         for suspect in (d for d in deliveries if d.attempts > 0):
             if self._stopping.is_set():  # not started: claimable by others, nothing charged
                 return
@@ -326,7 +327,7 @@ class Service:
                 await self.settler.leave([suspect])
                 return
             await self.broker.mark_started([suspect])
-            self._spawn(f"admit {suspect.key}", self._admit(suspect))
+            self._admit_chunks([suspect])
             await self.inflight.wait(lambda: len(self.inflight) == 0)
 
     async def _dead_letter(self, delivery: Delivery) -> None:
@@ -340,54 +341,80 @@ class Service:
         logger.error("dead-lettering job %s: %s", job_id, reason)
         await self.settler.settle([JobResult.failure(job_id, "max_deliveries", reason).settlement(delivery)], dead=True)
 
-    async def _admit(self, delivery: Delivery) -> None:
-        """Parse, check, decode and route one entry; errors here settle the job at once."""
-        request: JobRequest | None = None
-        try:
-            request = JobRequest.decode(delivery.fields)
-            self.metrics.jobs_received.labels(request.priority).inc()
-            queue_ms = float(max(now_ms() - request.enqueued_ms, 0)) if request.enqueued_ms else 0.0
-            if request.enqueued_ms:
-                self.metrics.queue_wait.labels(request.priority).observe(queue_ms / 1000)
-            if request.deadline_ms and now_ms() > request.deadline_ms:
-                raise JobExpiredError(f"deadline passed {now_ms() - request.deadline_ms} ms before decoding")
-            limit = self.settings.pipeline.max_image_bytes
-            if len(request.image) > limit:
-                raise ImageTooLargeError(f"image is {len(request.image)} bytes, the limit is {limit}")
-            submitted = time.perf_counter()
-            wait_s, prepared = await asyncio.get_running_loop().run_in_executor(
-                self._cpu_pool, self._prepare, request.image, submitted
-            )
-        except JobError as exc:
-            await self._settle_failure(delivery, request, exc.code, str(exc))
-            return
-        except Exception:
-            logger.exception("unexpected error preparing entry %s", delivery.key)
-            await self._settle_failure(delivery, request, "internal_error", "internal error preparing the image")
-            return
-        self.metrics.decode_wait.observe(wait_s)
-        self.metrics.decode.observe(prepared.decode_s)
-        timings = {
-            "queue": queue_ms,
-            "decode_wait": round(wait_s * 1000, 2),
-            "decode": round(prepared.decode_s * 1000, 2),
-        }
-        batcher = self.batchers[prepared.bucket.id]
-        if batcher.closed:  # drained while decoding: left for the next worker
-            await self.settler.leave([delivery])
-            return
-        batcher.put(Job(delivery, request, prepared, timings))
+    def _admit_chunks(self, deliveries: list[Delivery]) -> None:
+        """Parse and check on the loop; decode in chunks on the CPU pool: a future per chunk, not per job."""
+        accepted: list[tuple[Delivery, JobRequest, float]] = []
+        failures: list[Settlement] = []
+        for delivery in deliveries:
+            request: JobRequest | None = None
+            try:
+                request = JobRequest.decode(delivery.fields)
+                self._received[request.priority].inc()
+                queue_ms = float(max(now_ms() - request.enqueued_ms, 0)) if request.enqueued_ms else 0.0
+                if request.enqueued_ms:
+                    self._queue_wait[request.priority].observe(queue_ms / 1000)
+                if request.deadline_ms and now_ms() > request.deadline_ms:
+                    raise JobExpiredError(f"deadline passed {now_ms() - request.deadline_ms} ms before decoding")
+                limit = self.settings.pipeline.max_image_bytes
+                if len(request.image) > limit:
+                    raise ImageTooLargeError(f"image is {len(request.image)} bytes, the limit is {limit}")
+                accepted.append((delivery, request, queue_ms))
+            except JobError as exc:
+                failures.append(self._failure(delivery, request, exc.code, str(exc)))
+        if failures:
+            self._spawn("settle failures", self.settler.settle(failures))
+        size = max(1, min(8, -(-len(accepted) // self.settings.pipeline.decode_threads)))
+        for start in range(0, len(accepted), size):
+            chunk = accepted[start : start + size]
+            self._spawn(f"admit {chunk[0][0].key}", self._decode(chunk))
 
-    def _prepare(self, image: bytes, submitted: float) -> tuple[float, Prepared]:
-        wait_s = time.perf_counter() - submitted
-        return wait_s, prepare(image, self.spec, self._limits, self._budget)
+    async def _decode(self, chunk: list[tuple[Delivery, JobRequest, float]]) -> None:
+        """Decode one chunk on a CPU thread; each image then goes to its bucket's batcher or fails alone."""
+        outcomes = await asyncio.get_running_loop().run_in_executor(
+            self._cpu_pool, self._prepare_many, [request.image for _, request, _ in chunk], time.perf_counter()
+        )
+        failures, left = [], []
+        for (delivery, request, queue_ms), (wait_s, prepared) in zip(chunk, outcomes, strict=True):
+            if isinstance(prepared, JobError):
+                failures.append(self._failure(delivery, request, prepared.code, str(prepared)))
+                continue
+            if isinstance(prepared, BaseException):
+                logger.error("unexpected error preparing entry %s", delivery.key, exc_info=prepared)
+                failures.append(
+                    self._failure(delivery, request, "internal_error", "internal error preparing the image")
+                )
+                continue
+            self.metrics.decode_wait.observe(wait_s)
+            self.metrics.decode.observe(prepared.decode_s)
+            timings = {
+                "queue": queue_ms,
+                "decode_wait": round(wait_s * 1000, 2),
+                "decode": round(prepared.decode_s * 1000, 2),
+            }
+            batcher = self.batchers[prepared.bucket.id]
+            if batcher.closed:  # drained while decoding: left for the next worker
+                left.append(delivery)
+            else:
+                batcher.put(Job(delivery, request, prepared, timings))
+        await self.settler.settle(failures)
+        if left:
+            await self.settler.leave(left)
 
-    async def _settle_failure(self, delivery: Delivery, request: JobRequest | None, code: str, message: str) -> None:
+    def _prepare_many(self, images: list[bytes], submitted: float) -> list[tuple[float, Prepared | Exception]]:
+        out: list[tuple[float, Prepared | Exception]] = []
+        for image in images:
+            wait_s = time.perf_counter() - submitted
+            try:
+                out.append((wait_s, prepare(image, self.spec, self._limits, self._budget)))
+            except Exception as exc:  # one bad image fails alone; the caller turns it into its result
+                out.append((wait_s, exc))
+        return out
+
+    def _failure(self, delivery: Delivery, request: JobRequest | None, code: str, message: str) -> Settlement:
         # An id that is missing, not UTF-8 or too long is never altered: the entry id stands in for it.
         job_id = request.job_id if request else valid_job_id(delivery.fields.get(b"id")) or delivery.entry_id
         enqueued_ms = request.enqueued_ms if request else 0
-        result = JobResult.failure(job_id, code, message)
-        await self.settler.settle([result.settlement(delivery, enqueued_ms=enqueued_ms)])
+        return JobResult.failure(job_id, code, message).settlement(delivery, enqueued_ms=enqueued_ms)
 
     # ---- execution -------------------------------------------------------------------------
 
@@ -399,7 +426,7 @@ class Service:
             jobs = []
             for queued_at, job in batch:
                 waited = taken - queued_at
-                self.metrics.batch_wait.labels(executor.bucket.id).observe(waited)
+                executor.batch_wait.observe(waited)
                 job.timings_ms["batch_wait"] = round(waited * 1000, 2)
                 jobs.append(job)
             outcomes = await executor.infer(lane, jobs)

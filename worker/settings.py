@@ -91,13 +91,25 @@ class FakeSettings(_Section):
     lanes: Annotated[int, Field(ge=1, le=64)] = 2
 
 
+class RemoteSettings(_Section):
+    """The ``remote`` backend: lanes of an engine server in another process (``imgworker serve-engine``)."""
+
+    #: the engine server's Unix socket
+    address: str = ""
+    #: lanes per bucket this worker keeps in flight on the server
+    lanes: Annotated[int, Field(ge=1, le=16)] = 2
+    #: how long to wait for the server to answer (it may be building its plan)
+    connect_timeout_s: Annotated[float, Field(gt=0)] = 1800.0
+
+
 class BackendSettings(_Section):
-    #: "onnxruntime", "tensorrt", "fake", or "package.module:Class" for a backend of your own
+    #: "onnxruntime", "tensorrt", "fake", "remote", or "package.module:Class" for a backend of your own
     kind: str = "onnxruntime"
     fallback_to_cpu: bool = False
     cpu_threads: Annotated[int, Field(ge=0)] = 0
     tensorrt: TensorRTSettings = TensorRTSettings()
     fake: FakeSettings = FakeSettings()
+    remote: RemoteSettings = RemoteSettings()
 
 
 class PipelineSettings(_Section):

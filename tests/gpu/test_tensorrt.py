@@ -133,6 +133,7 @@ def test_plan_cache_hit_rebuild_on_changed_spec_and_on_corruption(
     tiny = small_spec.model_copy(
         update={"buckets": (BucketSpec(id="t64", min=(1, 32, 32), opt=(1, 64, 64), max=(2, 64, 64)),)}
     )
+    settings = settings.model_copy(update={"optimization_level": 0})  # the quickest build: only the cache is tested
     rebuilt = plan_for(tiny, onnx_path, settings, trt_backend.device)
     assert rebuilt != first and rebuilt.is_file()
 

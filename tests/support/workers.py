@@ -14,6 +14,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from worker.client import Client, ImageInput
@@ -113,6 +114,22 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def with_descendants(pids: list[int]) -> list[int]:
+    """The processes and every process they started (a supervisor's workers and engine servers)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    found, frontier = list(pids), list(pids)
+    while frontier:
+        children = [pid for pid, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
 def worker_env(redis_url: str, **extra: str) -> dict[str, str]:
     """Environment for a worker subprocess: quick leases and retries so fault tests run fast."""
     env = dict(os.environ)
@@ -145,6 +162,36 @@ class Run:
         return self.steady_rate / max(self.worker_cores, 1e-9)
 
 
+class CpuSampler:
+    """CPU seconds of some processes, sampled on a thread, read back at any wall-clock time."""
+
+    def __init__(self, pids: list[int], interval_s: float = 0.05) -> None:
+        self.pids = pids
+        self.samples: list[tuple[float, float]] = []  # (wall clock, CPU seconds of all pids)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval_s,), daemon=True)
+        self._thread.start()
+
+    def _run(self, interval_s: float) -> None:
+        seen: dict[int, float] = {}  # a child that exits keeps the CPU time it had used
+        while not self._stop.is_set():
+            for pid in with_descendants(self.pids):
+                try:
+                    seen[pid] = cpu_seconds(pid)
+                except (FileNotFoundError, ProcessLookupError):
+                    continue
+            self.samples.append((time.time(), sum(seen.values())))
+            self._stop.wait(interval_s)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def at(self, wall: float) -> float:
+        times = [t for t, _ in self.samples]
+        return float(np.interp(wall, times, [c for _, c in self.samples]))
+
+
 def run_jobs(
     env: dict[str, str],
     images: list[ImageInput],
@@ -153,30 +200,30 @@ def run_jobs(
     timeout_s: float = 1800,
     redis_pid: int | None = None,
     workers: int = 1,
+    args: tuple[str, ...] = (),
 ) -> Run:
-    """Start ``workers`` worker processes, submit every image at once, wait for all results, SIGTERM them."""
+    """Start ``workers`` worker processes (each ``run`` with ``args``), submit every image at once, wait
+    for all results, SIGTERM them.
+
+    The steady window comes from the workers' own completion times (each result's enqueue time plus
+    its end-to-end time), so a client slower at collecting results than the workers are at
+    producing them does not distort the figure.
+    """
     env = {**env, "IMGWORKER_REDIS__PREFIX": prefix}
-    processes = [WorkerProcess(env) for _ in range(workers)]
+    processes = [WorkerProcess(env, *args) for _ in range(workers)]
     try:
         for worker in processes:
             worker.wait_ready(900)
-        worker_pids = [w.process.pid for w in processes]
-        marks: dict[int, tuple[float, list[float], float]] = {}
-        arrived = 0
-        low, high = max(len(images) // 10, 1), max(len(images) * 9 // 10, 1)
-
-        def on_result(*_: object) -> None:
-            nonlocal arrived
-            arrived += 1
-            if arrived in (low, high):
-                redis_cpu = cpu_seconds(redis_pid) if redis_pid else 0.0
-                marks[arrived] = (time.monotonic(), [cpu_seconds(pid) for pid in worker_pids], redis_cpu)
-
+        worker_cpu = CpuSampler([w.process.pid for w in processes])
+        redis_cpu = CpuSampler([redis_pid]) if redis_pid else None
         with Client(env["IMGWORKER_REDIS__URL"], prefix=prefix) as client:
             started = time.monotonic()
             ids = client.submit_many(images)
-            results = client.gather(ids, timeout_s=timeout_s, on_result=on_result)
+            results = client.gather(ids, timeout_s=timeout_s)
             elapsed_s = time.monotonic() - started
+        worker_cpu.stop()
+        if redis_cpu:
+            redis_cpu.stop()
         logs = "\n".join(w.log[-2000:] for w in processes)
         assert len(results) == len(ids), f"{len(ids) - len(results)} jobs without a result:\n{logs}"
         metrics: Samples = {}
@@ -190,13 +237,15 @@ def run_jobs(
     finally:
         for worker in processes:
             worker.kill()
-    (t0, cpu0, redis0), (t1, cpu1, redis1) = marks[low], marks[high]
-    window = max(t1 - t0, 1e-9)
+    ordered = [results[job_id] for job_id in ids]
+    done = sorted(r.result["finished_ms"] / 1000 for r in ordered if r.status == "ok")
+    low, high = done[len(done) // 10], done[len(done) * 9 // 10]
+    window = max(high - low, 1e-9)
     return Run(
-        [results[job_id] for job_id in ids],
+        ordered,
         elapsed_s,
         metrics,
-        steady_rate=(high - low) / window,
-        worker_cores=(sum(cpu1) - sum(cpu0)) / window,
-        redis_cores=(redis1 - redis0) / window,
+        steady_rate=(len(done) * 9 // 10 - len(done) // 10) / window,
+        worker_cores=(worker_cpu.at(high) - worker_cpu.at(low)) / window,
+        redis_cores=(redis_cpu.at(high) - redis_cpu.at(low)) / window if redis_cpu else 0.0,
     )

@@ -17,6 +17,7 @@ BACKENDS = {
     "onnxruntime": "worker.backends.onnxruntime:OnnxRuntimeBackend",
     "tensorrt": "worker.backends.tensorrt.backend:TensorRTBackend",
     "fake": "worker.backends.fake:FakeBackend",
+    "remote": "worker.backends.remote:RemoteBackend",
 }
 INSTALL_HINT = {"tensorrt": "pip install 'imgworker[gpu]'", "onnxruntime": "pip install onnxruntime"}
 

@@ -49,6 +49,11 @@ def ck(result: Any, call: str = "call") -> Any:
     return rest[0] if len(rest) == 1 else tuple(rest)
 
 
+def device_count() -> int:
+    ck(cu.cuInit(0), "cuInit")
+    return int(ck(cu.cuDeviceGetCount(), "cuDeviceGetCount"))
+
+
 class Device:
     def __init__(self, ordinal: int) -> None:
         try:
