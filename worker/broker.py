@@ -20,17 +20,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
-from worker.connection import broker_error, connect
+from worker.connection import broker_error, connect, keys_for
 from worker.protocol import (
     CHARGE_SCRIPT,
     FORGET_CONSUMER_SCRIPT,
+    PRIORITIES,
     READ_SCRIPT,
     SETTLE_SCRIPT,
     Delivery,
-    Keys,
     Settlement,
 )
 from worker.settings import RedisSettings
@@ -65,9 +64,10 @@ def _by_stream(deliveries: Sequence[Delivery]) -> dict[str, list[str]]:
 class Broker:
     def __init__(self, settings: RedisSettings) -> None:
         self.settings = settings
-        self.keys = Keys(settings.prefix)
+        self.keys = keys_for(settings)
         self.consumer = settings.consumer
-        self.redis: aioredis.Redis = connect(settings)
+        self.redis: Any = connect(settings)  # Redis, or RedisCluster: the same commands
+        self._next_shard = 0
         self._settle = self.redis.register_script(SETTLE_SCRIPT)
         self._forget_consumer = self.redis.register_script(FORGET_CONSUMER_SCRIPT)
         self._charge = self.redis.register_script(CHARGE_SCRIPT)
@@ -105,17 +105,37 @@ class Broker:
             await self._forget(stream, self.consumer)
 
     async def _forget(self, stream: str, consumer: str) -> None:
-        keys = [stream, self.keys.lease(consumer), self.keys.started(stream, consumer)]
+        """Remove a consumer without a lease from a stream's group, unless entries are pending on it."""
+        keys = [stream, self.keys.started(stream, consumer)]
         await self._call("forget consumer", self._forget_consumer(keys=keys, args=[self.settings.group, consumer]))
 
     async def read(self, count: int) -> list[Delivery]:
-        """Up to ``count`` new entries, strictly by priority (a lower stream is read only when the
-        higher ones have none left), marked started. Blocks up to block_ms when every stream is empty."""
-        started = [self.keys.started(stream, self.consumer) for stream in self.keys.streams]
+        """Up to ``count`` new entries, marked running. Within a shard, strictly by priority (a lower
+        stream is read only when the higher ones have none left); shards take turns. Blocks up to
+        block_ms when nothing is queued."""
+        shards = self.keys.shards
+        first, self._next_shard = self._next_shard, (self._next_shard + 1) % shards
+        deliveries: list[Delivery] = []
+        for shard in [(first + i) % shards for i in range(shards)]:
+            deliveries += await self._read_shard(shard, count - len(deliveries))
+            if len(deliveries) >= count:
+                break
+        if deliveries:
+            return deliveries
+        # Nothing queued: block on one shard's streams (a blocking read cannot run in a script, and
+        # on a cluster cannot span slots). COUNT applies to each stream: a share each keeps in bounds.
+        streams = self.keys.shard_streams(first)
+        share = max(count // len(streams), 1)
+        block_ms = max(self.settings.block_ms // shards, 10)
+        blocked = await self._read_group({s: ">" for s in streams}, share, block_ms)
+        await self.mark(running=blocked)
+        return sorted(blocked, key=lambda d: self.keys.priority_of(d.stream))
+
+    async def _read_shard(self, shard: int, count: int) -> list[Delivery]:
+        streams = self.keys.shard_streams(shard)
+        started = [self.keys.started(stream, self.consumer) for stream in streams]
         try:
-            reply = await self._read(
-                keys=[*self.keys.streams, *started], args=[self.settings.group, self.consumer, count]
-            )
+            reply = await self._read(keys=[*streams, *started], args=[self.settings.group, self.consumer, count])
         except ResponseError as exc:
             if _group_lost(exc):
                 await self.ensure_groups()
@@ -123,20 +143,12 @@ class Broker:
             raise broker_error("read", exc, self.settings.url) from exc
         except RedisError as exc:
             raise broker_error("read", exc, self.settings.url) from exc
-        deliveries = [
+        return [
             Delivery(_text(stream), _text(entry_id), dict(zip(fields[::2], fields[1::2], strict=True)), 1)
             for stream, entries in reply
             for entry_id, fields in entries
             if fields
         ]
-        if deliveries:
-            return deliveries
-        # Nothing queued: block on every stream at once (not possible in a script). COUNT applies to
-        # each stream, so a share each keeps the total in bounds.
-        share = max(count // len(self.keys.streams), 1)
-        blocked = await self._read_group({s: ">" for s in self.keys.streams}, share, self.settings.block_ms)
-        await self.mark_started(blocked)
-        return sorted(blocked, key=lambda d: self.keys.priority_of(d.stream))
 
     async def _read_group(self, streams: dict[Any, Any], count: int, block_ms: int | None) -> list[Delivery]:
         try:
@@ -161,19 +173,22 @@ class Broker:
             queue(pipe)
             return list(await pipe.execute())
 
-    async def mark_started(self, deliveries: Sequence[Delivery]) -> None:
-        """Record that this worker started these entries: charged to them if it dies before settling.
-        (``read`` marks what it returns; reclaimed entries are marked when they are admitted.)"""
-        if deliveries:
-            await self._call(
-                "mark started",
-                self._pipelined(
-                    lambda pipe: [
-                        pipe.sadd(self.keys.started(stream, self.consumer), *ids)
-                        for stream, ids in _by_stream(deliveries).items()
-                    ]
-                ),
-            )
+    async def mark(self, running: Sequence[Delivery] = (), waiting: Sequence[Delivery] = ()) -> None:
+        """Which entries this worker is running (charged to them if it dies) and which only wait.
+
+        An entry counts as running while it decodes and from the moment its batch takes a lane
+        until it is settled; decoded and queued for a lane, it waits: a death then charges nothing.
+        (``read`` marks what it returns as running, atomically with the read.)
+        """
+
+        def queue(pipe: Any) -> None:
+            for stream, ids in _by_stream(waiting).items():
+                pipe.srem(self.keys.started(stream, self.consumer), *ids)
+            for stream, ids in _by_stream(running).items():
+                pipe.sadd(self.keys.started(stream, self.consumer), *ids)
+
+        if running or waiting:
+            await self._call("mark running", self._pipelined(queue))
 
     async def retry_later(self, failed: Sequence[tuple[Delivery, str]]) -> None:
         """Charge one failed attempt each (with its error) and leave them pending for a retry."""
@@ -194,19 +209,6 @@ class Broker:
             "last error", self.redis.hget(self.keys.attempts(delivery.stream), f"{delivery.entry_id}:error")
         )
         return None if raw is None else _text(raw)
-
-    async def unmark(self, deliveries: Sequence[Delivery]) -> None:
-        """Left pending by a stop, not a failure: nothing to charge when others reclaim them."""
-        if deliveries:
-            await self._call(
-                "unmark started",
-                self._pipelined(
-                    lambda pipe: [
-                        pipe.srem(self.keys.started(stream, self.consumer), *ids)
-                        for stream, ids in _by_stream(deliveries).items()
-                    ]
-                ),
-            )
 
     async def reclaim(self, skip: set[str], limit: int) -> list[Delivery]:
         """Claim entries of consumers whose lease expired, and this worker's own entries left for retry.
@@ -233,7 +235,7 @@ class Broker:
                 elif await self._call("exists", self.redis.exists(self.keys.lease(name))):
                     continue  # alive: never steal
                 elif consumer["pending"] == 0:
-                    await self._forget(stream, name)
+                    await self._forget(stream, name)  # no lease: it cannot come back under this name
                     continue
                 else:
                     min_idle_ms = lease_ms // 2
@@ -277,52 +279,57 @@ class Broker:
             for (entry, fields), tried in zip(live, attempts, strict=True)
         ]
 
-    def _settle_call(self, settlements: Sequence[Settlement]) -> tuple[list[str], list[Any]]:
+    def _settle_call(self, settlements: Sequence[Settlement], dead: bool) -> tuple[list[str], list[Any]]:
         keys: list[str] = []
-        args: list[Any] = [self.settings.result_ttl_s, self.settings.group]
+        args: list[Any] = [self.settings.result_ttl_s, self.settings.group, self.settings.dead_letter_maxlen]
         for s in settlements:
             stream, job_id = s.delivery.stream, s.result.job_id
+            shard = self.keys.shard_of_stream(stream)
             keys += [
                 stream,
-                self.keys.result(job_id),
-                self.keys.done(job_id),
+                self.keys.result(job_id, shard),
+                self.keys.done(job_id, shard),
                 self.keys.attempts(stream),
                 self.keys.started(stream, self.consumer),
+                self.keys.dead_letter(shard),
             ]
-            args += [s.delivery.entry_id, s.result.status, len(s.fields)]
+            args += [s.delivery.entry_id, s.result.status]
+            if dead:
+                entry: dict[str, Any] = {
+                    "job_id": job_id,
+                    "stream": stream,
+                    "entry_id": s.delivery.entry_id,
+                    "attempts": s.delivery.attempts,
+                    "deliveries": s.delivery.deliveries - 1,
+                    "code": s.result.code,
+                    "message": s.result.message,
+                    **{f"job.{_text(k)}": v for k, v in s.delivery.fields.items()},
+                }
+                args.append(len(entry))
+                for name, value in entry.items():
+                    args += [name, value]
+            else:
+                args.append(0)
+            args.append(len(s.fields))
             for name, value in s.fields.items():
                 args += [name, value]
         return keys, args
 
     async def settle(self, settlements: Sequence[Settlement], dead: bool = False) -> int:
-        """Store results and acknowledge, in one atomic round trip; dead letters are copied first."""
-        if not settlements:
-            return 0
-        keys, args = self._settle_call(settlements)
-        try:
-            if not dead:  # the hot path: one EVALSHA
-                return int(await self._settle(keys=keys, args=args))
-            async with self.redis.pipeline(transaction=True) as pipe:
-                for s in settlements:
-                    entry: dict[Any, Any] = {
-                        "job_id": s.result.job_id,
-                        "stream": s.delivery.stream,
-                        "entry_id": s.delivery.entry_id,
-                        "attempts": s.delivery.attempts,
-                        "deliveries": s.delivery.deliveries - 1,
-                        "code": s.result.code,
-                        "message": s.result.message,
-                        **{f"job.{_text(k)}": v for k, v in s.delivery.fields.items()},
-                    }
-                    pipe.xadd(self.keys.dead_letter, entry, maxlen=self.settings.dead_letter_maxlen, approximate=True)
-                await self._settle(keys=keys, args=args, client=pipe)
-                replies = await pipe.execute()
-        except RedisError as exc:
-            raise broker_error("settle", exc, self.settings.url) from exc
-        return int(replies[-1])
+        """Store results and acknowledge (dead letters copied first), atomically: one script call
+        per shard, so every key it touches is in one hash slot."""
+        by_shard: dict[int, list[Settlement]] = defaultdict(list)
+        for s in settlements:
+            by_shard[self.keys.shard_of_stream(s.delivery.stream)].append(s)
+        written = 0
+        for group in by_shard.values():
+            keys, args = self._settle_call(group, dead)
+            written += int(await self._call("settle", self._settle(keys=keys, args=args)))
+        return written
 
     async def stats(self) -> dict[int, GroupStats]:
-        out = {}
+        """Per priority, summed over the shards: unfinished entries, entries not read yet, pending."""
+        totals = {p: GroupStats(0, 0, 0) for p in PRIORITIES}
         for stream in self.keys.streams:
             length = await self._call("xlen", self.redis.xlen(stream))
             try:
@@ -334,10 +341,13 @@ class Broker:
             group = next((g for g in groups if _text(g["name"]) == self.settings.group), None)
             lag = group.get("lag") if group else length
             pending = group["pending"] if group else 0
-            out[self.keys.priority_of(stream)] = GroupStats(
-                length, int(lag if lag is not None else length), int(pending)
+            before = totals[self.keys.priority_of(stream)]
+            totals[self.keys.priority_of(stream)] = GroupStats(
+                before.length + length,
+                before.lag + int(lag if lag is not None else length),
+                before.pending + int(pending),
             )
-        return out
+        return totals
 
     async def backlog(self) -> int:
         """Entries not yet settled across all priorities (settled ones are deleted)."""

@@ -30,6 +30,8 @@ from worker.settings import Settings
 
 logger = logging.getLogger("worker")
 EXIT_CONFIG = 2
+#: set when the worker stops with a batch still running on a lane thread
+_UNFINISHED = threading.Event()
 T = TypeVar("T")
 #: what `enqueue DIR` picks up: every format the worker decodes
 IMAGE_SUFFIXES = frozenset(
@@ -136,7 +138,8 @@ async def _serve(settings: Settings, burst: bool) -> int:
             if service.lanes_idle():
                 await asyncio.to_thread(backend.close)
             else:  # closing under a running batch could free buffers the GPU still uses
-                logger.warning("a batch is still running at exit; leaving the backend to the process exit")
+                logger.warning("a batch is still running at exit; leaving it and the backend to the process exit")
+                _UNFINISHED.set()
     finally:
         if server is not None:
             server.shutdown()
@@ -412,9 +415,10 @@ def main(argv: list[str] | None = None) -> int:
     except WorkerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         code = 1
-    if any(t.name == "backend-open" for t in threading.enumerate()):
-        # A stop came while an engine was building: that thread cannot be interrupted, and
-        # interpreter shutdown under it could crash. Nothing else is left to clean up.
+    if _UNFINISHED.is_set() or any(t.name == "backend-open" for t in threading.enumerate()):
+        # A stop came while an engine was building or a batch was running: neither can be
+        # interrupted, waiting for them would outlast the grace period, and interpreter shutdown
+        # under them could crash. Everything else is cleaned up already.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -20,11 +20,11 @@ from typing import Any, TypeVar
 import cv2
 import numpy as np
 import numpy.typing as npt
-import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
 
-from worker.connection import connect, mapped
+from worker.connection import connect, keys_for, mapped
 from worker.errors import BrokerError, InvalidJobError
-from worker.protocol import DEFAULT_PRIORITY, ENQUEUE_SCRIPT, PRIORITIES, JobRequest, JobResult, Keys, new_job_id
+from worker.protocol import DEFAULT_PRIORITY, ENQUEUE_SCRIPT, PRIORITIES, JobRequest, JobResult, new_job_id
 from worker.settings import RedisSettings
 
 ImageInput = bytes | bytearray | memoryview | str | Path | npt.NDArray[Any]
@@ -39,7 +39,9 @@ T = TypeVar("T")
 
 def read_image_file(path: str | Path, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> bytes:
     """A regular file's bytes, its size checked before reading (never a device, FIFO or /dev/zero)."""
-    with open(path, "rb") as handle:  # follows symlinks; what they point to is checked below
+    # O_NONBLOCK: opening a FIFO must not wait for a writer; symlinks are followed, their target checked
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(descriptor, "rb") as handle:
         info = os.fstat(handle.fileno())
         if not stat.S_ISREG(info.st_mode):
             raise InvalidJobError(f"{path} is not a regular file")
@@ -76,10 +78,13 @@ class AsyncClient:
     ) -> None:
         """``redis_settings`` (credentials, TLS, timeouts) wins over ``url`` and ``prefix``."""
         settings = redis_settings or RedisSettings(url=url, prefix=prefix)
-        self.keys = Keys(settings.prefix)
+        self.keys = keys_for(settings)
+        self.cluster = settings.cluster
+        self.replicas = settings.replicas
+        self._enqueue_sha: str | None = None
         self.url = settings.url
         self.result_ttl_s = result_ttl_s
-        self.redis: aioredis.Redis = connect(settings)
+        self.redis: Any = connect(settings)  # Redis, or RedisCluster
         self._enqueue = self.redis.register_script(ENQUEUE_SCRIPT)
 
     async def __aenter__(self) -> AsyncClient:
@@ -163,16 +168,48 @@ class AsyncClient:
         ]
 
         async def send() -> None:
+            streams = {self.keys.stream(r.priority, self.keys.shard_of(r.job_id)) for r in requests}
             async with self.redis.pipeline(transaction=False) as pipe:
-                for r in requests:
-                    args = [self.result_ttl_s, *(x for kv in r.encode().items() for x in kv)]
-                    await self._enqueue(
-                        keys=[self.keys.seen(r.job_id), self.keys.stream(r.priority)], args=args, client=pipe
-                    )
-                await pipe.execute()
+                if self.cluster:  # redis-py refuses script objects in cluster pipelines: plain EVALSHA
+                    if self._enqueue_sha is None:
+                        self._enqueue_sha = await self.redis.script_load(ENQUEUE_SCRIPT)  # on every master
+                    for r in requests:
+                        pipe.execute_command("EVALSHA", self._enqueue_sha, 2, *self._enqueue_call(r))
+                else:
+                    for r in requests:
+                        call = self._enqueue_call(r)
+                        await self._enqueue(keys=call[:2], args=call[2:], client=pipe)
+                waits = self._wait_for_replicas(pipe, streams)
+                try:
+                    replies = await pipe.execute()
+                except NoScriptError:  # a replica took over and has no script cache yet
+                    self._enqueue_sha = None
+                    raise
+            if waits and min(replies[-waits:]) < self.replicas:
+                raise BrokerError(f"only {min(replies[-waits:])} of {self.replicas} replicas have the jobs")
 
         await self._retrying("enqueue", send, time.monotonic() + timeout_s)
         return [r.job_id for r in requests]
+
+    def _enqueue_call(self, request: JobRequest) -> list[Any]:
+        """The enqueue script's two keys (seen marker, stream), then its arguments."""
+        stream = self.keys.stream(request.priority, self.keys.shard_of(request.job_id))
+        fields = (x for kv in request.encode().items() for x in kv)
+        return [self.keys.seen(request.job_id), stream, self.result_ttl_s, *fields]
+
+    def _wait_for_replicas(self, pipe: Any, streams: set[str]) -> int:
+        """Queue WAIT behind the writes, on the same connection to each master written to, so a
+        submit returns only once ``replicas`` replicas have the jobs (a failover then loses none)."""
+        if not self.replicas:
+            return 0
+        timeout_ms = int(SUBMIT_TIMEOUT_S * 1000 / 3)
+        if not self.cluster:
+            pipe.execute_command("WAIT", self.replicas, timeout_ms)
+            return 1
+        nodes = {node.name: node for node in (self.redis.get_node_from_key(stream) for stream in streams)}
+        for node in nodes.values():
+            pipe.execute_command("WAIT", self.replicas, timeout_ms, target_nodes=node)
+        return len(nodes)
 
     async def result(self, job_id: str) -> JobResult | None:
         """The stored result, or None while the job is not finished (or its result expired)."""
@@ -218,13 +255,9 @@ class AsyncClient:
                         continue
                     if left is not None and left <= 0:
                         break
-                    # Block at most a second at a time: a notification taken by another waiter, or a
-                    # job beyond the first WAIT_KEYS_PER_CALL, is then found by the full check.
-                    popped = await self.redis.blpop(
-                        [self.keys.done(j) for j in pending[:WAIT_KEYS_PER_CALL]], timeout=min(left or 1.0, 1.0)
-                    )
+                    popped = await self._pop_done(pending, min(left or 1.0, 1.0))
                     if popped:
-                        await self._collect([self.keys.job_id_of_done(popped[0])], results, on_result)
+                        await self._collect(popped, results, on_result)
                     else:
                         check_all = True
                 delay = _BACKOFF_FIRST_S
@@ -235,6 +268,24 @@ class AsyncClient:
                 delay = min(delay * 2, _BACKOFF_CAP_S)
                 check_all = True  # notifications may have been lost with the connection
         return results
+
+    async def _pop_done(self, pending: list[str], timeout_s: float) -> list[str]:
+        """Job ids whose notification arrived, blocking at most ``timeout_s`` (then the caller checks
+        every job: a notification taken by another waiter, or for a job past the first
+        WAIT_KEYS_PER_CALL, is found that way). On a cluster, one BLPOP per shard: keys of one slot."""
+        if not self.cluster:
+            popped = await self.redis.blpop([self.keys.done(j) for j in pending[:WAIT_KEYS_PER_CALL]], timeout_s)
+            return [self.keys.job_id_of_done(popped[0])] if popped else []
+        by_shard: dict[int, list[str]] = {}
+        for job_id in pending:
+            by_shard.setdefault(self.keys.shard_of(job_id), []).append(job_id)
+        replies = await asyncio.gather(
+            *(
+                self.redis.blpop([self.keys.done(j) for j in ids[:WAIT_KEYS_PER_CALL]], timeout_s)
+                for ids in by_shard.values()
+            )
+        )
+        return [self.keys.job_id_of_done(reply[0]) for reply in replies if reply]
 
     async def _collect(
         self, job_ids: list[str], into: dict[str, JobResult], on_result: Callable[[str, JobResult], None] | None

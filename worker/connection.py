@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import AuthenticationError, AuthorizationError, NoPermissionError, RedisError
@@ -20,6 +21,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker.errors import BrokerError, ConfigError
+from worker.protocol import Keys
 from worker.settings import RedisSettings
 
 _FATAL = (AuthenticationError, AuthorizationError, NoPermissionError)
@@ -60,8 +62,16 @@ def connection_options(settings: RedisSettings) -> dict[str, Any]:
     return options
 
 
-def connect(settings: RedisSettings) -> aioredis.Redis:
+def connect(settings: RedisSettings) -> Any:
+    """A Redis client, or a cluster client (same commands; multi-key calls must stay in one slot)."""
+    if settings.cluster:
+        return RedisCluster.from_url(settings.url, **connection_options(settings))
     return aioredis.Redis.from_url(settings.url, **connection_options(settings))
+
+
+def keys_for(settings: RedisSettings) -> Keys:
+    """The key layout: hash-tagged by shard on a cluster or with several shards, plain otherwise."""
+    return Keys(settings.prefix, settings.shards, tagged=settings.cluster or settings.shards > 1)
 
 
 def broker_error(what: str, exc: RedisError, url: str) -> Exception:

@@ -83,10 +83,15 @@ class ImageInfo:
         return self.height * self.width
 
     def decoded_bytes(self, reduce: int = 1) -> int:
-        """Bytes the decoder allocates, plus the 8-bit BGR copy when a conversion is needed."""
+        """Bytes the decode allocates at its peak: the decoder's array, its 8-bit copy when it is
+        deeper, and the BGR image compositing makes when it is not BGR already."""
         pixels = -(-self.height // reduce) * -(-self.width // reduce)
-        raw = pixels * self.channels * self.bytes_per_sample
-        return raw + (0 if (self.channels, self.bytes_per_sample) == (3, 1) else pixels * 3)
+        total = pixels * self.channels * self.bytes_per_sample
+        if self.bytes_per_sample > 1:
+            total += pixels * self.channels
+        if self.channels != 3:
+            total += pixels * 3
+        return total
 
 
 def _jpeg_info(data: bytes) -> ImageInfo:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import uuid
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -35,17 +36,25 @@ end
 return false
 """
 
-#: Stores results and acknowledges, atomically, for a batch of jobs.
-#: KEYS, five per job: stream, result hash, done list, attempts hash, started set.
-#: ARGV: result ttl, group, then per job: entry id, status, field count n, n field/value pairs.
+#: Stores results and acknowledges, atomically, for a batch of jobs of one shard (one hash slot).
+#: KEYS, six per job: stream, result hash, done list, attempts hash, started set, dead-letter stream.
+#: ARGV: result ttl, group, dead-letter maxlen, then per job: entry id, status, dead-letter field
+#: count d (0: not dead-lettered), d field/value pairs, result field count n, n field/value pairs.
 #: A result already stored is never overwritten (the second settle only acknowledges); the entry
 #: is deleted from the stream, so Redis holds only unfinished jobs. Returns the results written.
 SETTLE_SCRIPT = """
-local ttl, group, a, written = ARGV[1], ARGV[2], 3, 0
-for k = 1, #KEYS, 5 do
-  local entry, status, n = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
+local ttl, group, maxlen, a, written = ARGV[1], ARGV[2], ARGV[3], 4, 0
+for k = 1, #KEYS, 6 do
+  local entry, status, d = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
+  a = a + 3
+  if d > 0 then
+    redis.call('XADD', KEYS[k + 5], 'MAXLEN', '~', maxlen, '*', unpack(ARGV, a, a + 2 * d - 1))
+    a = a + 2 * d
+  end
+  local n = tonumber(ARGV[a])
+  a = a + 1
   if redis.call('EXISTS', KEYS[k + 1]) == 0 then
-    redis.call('HSET', KEYS[k + 1], unpack(ARGV, a + 3, a + 2 + 2 * n))
+    redis.call('HSET', KEYS[k + 1], unpack(ARGV, a, a + 2 * n - 1))
     redis.call('EXPIRE', KEYS[k + 1], ttl)
     redis.call('RPUSH', KEYS[k + 2], status)
     redis.call('EXPIRE', KEYS[k + 2], ttl)
@@ -55,22 +64,20 @@ for k = 1, #KEYS, 5 do
   redis.call('XDEL', KEYS[k], entry)
   redis.call('HDEL', KEYS[k + 3], entry, entry .. ':error')
   redis.call('SREM', KEYS[k + 4], entry)
-  a = a + 3 + 2 * n
+  a = a + 2 * n
 end
 return written
 """
 
-#: Removes a consumer only while it holds no lease and no pending entry (deleting one with pending
-#: entries would lose them). KEYS: stream, the consumer's lease key, its started set.
+#: Removes a consumer only while it has no pending entry (deleting one with pending entries would
+#: lose them); the caller checked that it holds no lease. KEYS: stream, the consumer's started set.
 #: ARGV: group, consumer.
 FORGET_CONSUMER_SCRIPT = """
-if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
 if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) > 0 then return 0 end
 redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
-redis.call('DEL', KEYS[3])
+redis.call('DEL', KEYS[2])
 return 1
 """
-
 
 #: Charges the entries a dead consumer had started, then reports every entry's attempts.
 #: KEYS: attempts hash, the previous owner's started set. ARGV: entry ids. Entries the owner had
@@ -109,33 +116,55 @@ return out
 
 @dataclass(frozen=True)
 class Keys:
-    """Every Redis key this project uses, built from one prefix."""
+    """Every Redis key this project uses, built from one prefix.
+
+    With ``shards`` > 1, or on Redis Cluster (``tagged``), every key a job touches carries its
+    shard as a hash tag, ``imgworker:{3}:jobs:1``, so the scripts that touch them all run in one
+    hash slot; a job's shard is CRC-32 of its id, modulo the shard count. One shard, untagged, is
+    the plain layout ``imgworker:jobs:1`` of a single Redis instance.
+    """
 
     prefix: str = "imgworker"
+    shards: int = 1
+    tagged: bool = False
 
-    def stream(self, priority: int) -> str:
-        return f"{self.prefix}:jobs:{priority}"
+    def _base(self, shard: int) -> str:
+        return f"{self.prefix}:{{{shard}}}" if self.tagged else self.prefix
+
+    def shard_of(self, job_id: str) -> int:
+        """The shard whose streams and keys a job uses: CRC-32 (IEEE) of its UTF-8 id, mod shards."""
+        return zlib.crc32(job_id.encode()) % self.shards if self.shards > 1 else 0
+
+    def stream(self, priority: int, shard: int = 0) -> str:
+        return f"{self._base(shard)}:jobs:{priority}"
+
+    def shard_streams(self, shard: int) -> tuple[str, ...]:
+        """One shard's streams, highest priority first."""
+        return tuple(self.stream(p, shard) for p in PRIORITIES)
 
     @property
     def streams(self) -> tuple[str, ...]:
-        return tuple(self.stream(p) for p in PRIORITIES)
+        return tuple(stream for shard in range(self.shards) for stream in self.shard_streams(shard))
 
-    @property
-    def dead_letter(self) -> str:
-        return f"{self.prefix}:dead"
+    def shard_of_stream(self, stream: str) -> int:
+        return int(stream.split("{", 1)[1].split("}", 1)[0]) if self.tagged else 0
 
-    def result(self, job_id: str) -> str:
-        return f"{self.prefix}:result:{job_id}"
+    def dead_letter(self, shard: int = 0) -> str:
+        return f"{self._base(shard)}:dead"
 
-    def done(self, job_id: str) -> str:
-        return f"{self.prefix}:done:{job_id}"
+    def result(self, job_id: str, shard: int | None = None) -> str:
+        """``shard``: where the worker stores it, the shard of the stream the job came from."""
+        return f"{self._base(self.shard_of(job_id) if shard is None else shard)}:result:{job_id}"
+
+    def done(self, job_id: str, shard: int | None = None) -> str:
+        return f"{self._base(self.shard_of(job_id) if shard is None else shard)}:done:{job_id}"
 
     def job_id_of_done(self, key: bytes | str) -> str:
         text = key.decode() if isinstance(key, bytes) else key
-        return text.removeprefix(f"{self.prefix}:done:")
+        return text.split(":done:", 1)[1]
 
     def seen(self, job_id: str) -> str:
-        return f"{self.prefix}:seen:{job_id}"
+        return f"{self._base(self.shard_of(job_id))}:seen:{job_id}"
 
     def lease(self, consumer: str) -> str:
         return f"{self.prefix}:lease:{consumer}"
@@ -146,7 +175,7 @@ class Keys:
         return f"{stream}:attempts"
 
     def started(self, stream: str, consumer: str) -> str:
-        """Set: the entries a consumer has started and not yet settled; charged if it dies."""
+        """Set: the entries a consumer is running and has not settled; charged if it dies."""
         return f"{stream}:started:{consumer}"
 
     def priority_of(self, stream: str) -> int:

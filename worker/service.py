@@ -78,6 +78,9 @@ class Service:
         self._group: asyncio.TaskGroup
         #: entries the watchdog found held past stall_s: charged an attempt on the way out
         self._stuck: list[Delivery] = []
+        #: decoded entries queued for a lane, to be marked waiting with the next batch's marking
+        self._waiting: list[Delivery] = []
+        self._marking = asyncio.Lock()
         metrics.inflight_capacity.set(window)
 
     # ---- state ----------------------------------------------------------------------------
@@ -308,25 +311,31 @@ class Service:
                 await self._pause(BROKER_RETRY_S)
 
     async def _admit_all(self, deliveries: list[Delivery]) -> None:
-        """Fresh entries start at once; suspects (an earlier attempt failed or died) run alone."""
-        fresh = [d for d in deliveries if d.attempts == 0]
-        for delivery in fresh:
+        """Most entries start at once. A suspect, on the last attempt it has left, runs alone.
+
+        A worker that dies charges an attempt to every job it had started. Charged jobs run
+        normally while they have attempts to spare, so a restart costs little; on its last attempt a
+        job runs with nothing else in the pipeline, so if it is the one that kills workers (a
+        decoder crash, say) it is dead-lettered and no innocent job is charged along with it.
+        """
+        last_try = max(self.settings.redis.max_deliveries - 1, 1)
+        ordinary = [d for d in deliveries if d.attempts < last_try]
+        for delivery in ordinary:
             self.inflight.hold(delivery)
-        await self.broker.mark_started([d for d in fresh if d.deliveries > 1])  # reclaimed: not marked yet
-        self._admit_chunks(fresh)
-        for suspect in (d for d in deliveries if d.attempts > 0):
+        await self.broker.mark(running=[d for d in ordinary if d.deliveries > 1])  # reclaimed: not marked yet
+        self._admit_chunks(ordinary)
+        for suspect in (d for d in deliveries if d.attempts >= last_try):
             if self._stopping.is_set():  # not started: claimable by others, nothing charged
                 return
             self.inflight.hold(suspect)
             if suspect.attempts >= self.settings.redis.max_deliveries:
                 self._spawn(f"dead {suspect.key}", self._dead_letter(suspect))
                 continue
-            # Alone in the pipeline: if this one kills the worker, no other job is charged for it.
             await self.inflight.wait(lambda: len(self.inflight) == 1 or self._stopping.is_set())
             if self._stopping.is_set():
                 await self.settler.leave([suspect])
                 return
-            await self.broker.mark_started([suspect])
+            await self.broker.mark(running=[suspect])
             self._admit_chunks([suspect])
             await self.inflight.wait(lambda: len(self.inflight) == 0)
 
@@ -396,6 +405,7 @@ class Service:
                 left.append(delivery)
             else:
                 batcher.put(Job(delivery, request, prepared, timings))
+                self._waiting.append(delivery)
         await self.settler.settle(failures)
         if left:
             await self.settler.leave(left)
@@ -429,8 +439,23 @@ class Service:
                 executor.batch_wait.observe(waited)
                 job.timings_ms["batch_wait"] = round(waited * 1000, 2)
                 jobs.append(job)
+            await self._mark_running(jobs)
             outcomes = await executor.infer(lane, jobs)
             self._spawn(f"finish {executor.bucket.id}", self._finish(executor, outcomes))
+
+    async def _mark_running(self, jobs: list[Job]) -> None:
+        """Before a batch takes its lane: it counts as running again, and what decoded since only waits.
+
+        One round trip per batch. If Redis does not answer, the batch runs unmarked (a death would
+        then charge nothing for it) rather than wait: settling will wait for Redis anyway.
+        """
+        async with self._marking:  # in order: a later batch's marks must not land before an earlier one's
+            waiting, self._waiting = self._waiting, []
+            try:
+                await self.broker.mark(running=[job.delivery for job in jobs], waiting=waiting)
+            except BrokerError as exc:
+                logger.debug("could not mark a batch running: %s", exc)
+                self._waiting = waiting + self._waiting
 
     async def _finish(self, executor: BucketExecutor, outcomes: list[Inferred | Settlement | Retry]) -> None:
         """Postprocess off the lane, then settle: the lane is already running its next batch."""

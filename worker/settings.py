@@ -42,6 +42,14 @@ class RedisSettings(_Section):
     tls_key_file: Path | None = None
     tls_check_hostname: bool = True
     prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")] = "imgworker"
+    #: a Redis Cluster: one URL of any node; keys are hash-tagged by shard (see docs/protocol.md)
+    cluster: bool = False
+    #: job shards: streams and keys spread over hash slots (cluster masters); producers and workers
+    #: must agree on it. 1 on a single instance keeps the plain key layout
+    shards: Annotated[int, Field(ge=1, le=1024)] = 1
+    #: producers: submitting returns only once this many replicas have the jobs (Redis WAIT), so
+    #: a failover to a replica loses none of them
+    replicas: Annotated[int, Field(ge=0)] = 0
     group: str = "workers"
     consumer: str = Field(default_factory=_default_consumer)
     lease_s: Annotated[float, Field(gt=0)] = 30.0

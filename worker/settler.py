@@ -15,7 +15,7 @@ from worker.broker import Broker
 from worker.errors import BrokerError, WorkerError
 from worker.inflight import Inflight
 from worker.metrics import Metrics
-from worker.protocol import Delivery, Keys, Settlement
+from worker.protocol import Delivery, Settlement
 
 logger = logging.getLogger(__name__)
 BROKER_RETRY_S = 0.5
@@ -29,7 +29,7 @@ class Settler:
         self.inflight = inflight
         self.metrics = metrics
         self._redis_state = redis_state
-        self._keys = Keys(broker.settings.prefix)
+        self._keys = broker.keys
 
     async def _until_done(self, what: str, call: Callable[[], Awaitable[object]]) -> None:
         while True:
@@ -72,7 +72,7 @@ class Settler:
     async def leave(self, deliveries: Sequence[Delivery]) -> None:
         """Left for other workers by a stop: nothing charged. One try: a stop does not wait for Redis."""
         try:
-            await self.broker.unmark(deliveries)
+            await self.broker.mark(waiting=deliveries)
         except BrokerError as exc:
             logger.warning("could not unmark %d entries left pending: %s", len(deliveries), exc)
         await self.inflight.release(list(deliveries))

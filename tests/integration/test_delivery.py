@@ -91,7 +91,7 @@ def test_a_job_that_always_fails_is_dead_lettered_after_max_deliveries(
     assert all(results[j]["status"] == "ok" for j in good)
     assert (results[bad]["status"], results[bad]["code"]) == ("error", "max_deliveries")
     assert "last error: backend_error: refusing a batch" in results[bad]["message"]
-    dead = redis_client.xrange(KEYS.dead_letter)
+    dead = redis_client.xrange(KEYS.dead_letter())
     assert len(dead) == 1
     entry = {k.decode(): v for k, v in dead[0][1].items()}
     assert entry["job_id"] == b"poison-1" and entry["deliveries"] == b"3" and entry["code"] == b"max_deliveries"

@@ -81,7 +81,7 @@ async def test_a_failing_job_fails_alone_and_the_worker_keeps_serving(
     else:  # transient: retried alone, then dead-lettered with the last error
         assert results[bad].code == "max_deliveries", results[bad].message
         assert "gave up after 2 failed attempts; last error: backend_error: a transient failure" in results[bad].message
-        dead = redis.Redis.from_url(redis_url).xrange(KEYS.dead_letter)
+        dead = redis.Redis.from_url(redis_url).xrange(KEYS.dead_letter())
         assert len(dead) == 1 and dead[0][1][b"job_id"] == b"poison" and dead[0][1][b"attempts"] == b"2"
     assert _settled(redis.Redis.from_url(redis_url))
 
@@ -216,28 +216,34 @@ async def test_read_ahead_stays_within_the_window(redis_url: str, photos: list[P
     assert window == expected and 0 < peak <= window
 
 
-async def test_a_dead_workers_started_jobs_are_charged_and_run_alone(redis_url: str, photos: list[Path]) -> None:
-    """A consumer died holding 10 entries, 4 of them started: only those 4 are charged, and they
-    run alone, one at a time; the 6 it had only read are ordinary deliveries again."""
+@pytest.mark.parametrize("max_deliveries", [2, 3])
+async def test_a_dead_workers_started_jobs_are_charged_and_on_their_last_try_run_alone(
+    redis_url: str, photos: list[Path], max_deliveries: int
+) -> None:
+    """A consumer died holding 10 entries, 4 of them started: only those 4 are charged. With one
+    attempt left (max_deliveries 2) they run alone, one at a time; with more they run as usual."""
     raw = redis.Redis.from_url(redis_url)
     async with AsyncClient(redis_url) as client:
-        ids = await client.submit_many(photos[:10])
+        ids = await client.submit_many([photos[0]] * 10)  # one shape: they can share batches
     stream = KEYS.stream(1)
     raw.xgroup_create(stream, "workers", id="0", mkstream=True)
     entries = raw.xreadgroup("workers", "dead-worker", {stream: ">"}, count=10)[0][1]
     started = [e[0].decode() for e in entries[:4]]
     raw.sadd(KEYS.started(stream, "dead-worker"), *started)
     time.sleep(1.1)  # idle past half the 2 s lease, which the dead worker never held
-    async with serving(settings_for(redis_url)) as running, AsyncClient(redis_url) as client:
+    settings = settings_for(redis_url, redis={"max_deliveries": max_deliveries})
+    async with serving(settings) as running, AsyncClient(redis_url) as client:
         results = await client.wait_many(ids, timeout_s=60)
         await running.stop()
     by_entry = {e[0].decode(): results[e[1][b"id"].decode()] for e in entries}
+    alone = [by_entry[e].result["batch_size"] == 1 for e in started]
     for entry, result in by_entry.items():
         assert result.status == "ok"
-        if entry in started:
-            assert result.result["attempts"] == 2 and result.result["batch_size"] == 1, entry
-        else:
-            assert result.result["attempts"] == 1, entry
+        assert result.result["attempts"] == (2 if entry in started else 1), entry
+    if max_deliveries == 2:
+        assert all(alone), "on their last attempt, charged jobs run alone"
+    else:
+        assert max(by_entry[e].result["batch_size"] for e in started) > 1, "with attempts to spare they batch"
     assert not raw.hgetall(KEYS.attempts(stream)) and not raw.exists(KEYS.started(stream, "dead-worker"))
 
 

@@ -7,6 +7,8 @@ the rest of the pipeline, and every real photo, is untouched.
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 
 import numpy as np
@@ -74,3 +76,19 @@ class FaultyFakeBackend(FakeBackend):
 
     def _make_lanes(self, bucket: BucketSpec, profile: int) -> list[Lane]:
         return [_FaultyFakeLane(bucket, self) for _ in range(self.settings.fake.lanes)]
+
+
+class _CrashingLane(FakeLane):
+    def _run(self, n: int, height: int, width: int) -> Outputs:
+        if holds_poison(self._input(n, height, width)):
+            os.kill(os.getpid(), signal.SIGKILL)  # as a segfault in a decoder or driver would
+        return super()._run(n, height, width)
+
+
+class CrashingFakeBackend(FakeBackend):
+    """The fake backend, killing its whole process when a batch holds the poison."""
+
+    kind = "crashing-fake"
+
+    def _make_lanes(self, bucket: BucketSpec, profile: int) -> list[Lane]:
+        return [_CrashingLane(bucket, self) for _ in range(self.settings.fake.lanes)]

@@ -47,7 +47,7 @@ class RedisServer:
         return base + self.extra
 
     def client(self) -> redis.Redis:
-        options: dict[str, Any] = {"port": self.port}
+        options: dict[str, Any] = {"host": "127.0.0.1", "port": self.port}
         if self.tls:
             options.update(ssl=True, ssl_ca_certs=str(self.tls["ca"]))
         if "--requirepass" in self.extra:

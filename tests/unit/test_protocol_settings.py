@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import zlib
 
 import numpy as np
 import pytest
@@ -62,6 +63,20 @@ def test_result_round_trip_with_raw_tensors() -> None:
     np.testing.assert_array_equal(decoded.tensors["sigmoid_0.tmp_0"], tensor)
 
 
+def test_sharded_keys_keep_every_key_of_a_job_in_its_shards_hash_slot() -> None:
+    keys = Keys("p", shards=8, tagged=True)
+    shard = keys.shard_of("order-42")
+    assert shard == zlib.crc32(b"order-42") % 8  # any producer language can compute it
+    stream = keys.stream(1, shard)
+    tag = f"{{{shard}}}"
+    assert stream == f"p:{tag}:jobs:1" and keys.shard_of_stream(stream) == shard
+    for key in (keys.seen("order-42"), keys.result("order-42"), keys.done("order-42"), keys.attempts(stream)):
+        assert tag in key, key
+    assert keys.job_id_of_done(keys.done("order-42")) == "order-42"
+    assert len(keys.streams) == 8 * 3 and keys.dead_letter(shard) == f"p:{tag}:dead"
+    assert Keys("p").stream(1) == "p:jobs:1"  # one shard, untagged: the single-instance layout
+
+
 def test_keys_share_one_prefix() -> None:
     keys = Keys("p")
     assert keys.attempts(keys.stream(1)) == "p:jobs:1:attempts"
@@ -69,7 +84,7 @@ def test_keys_share_one_prefix() -> None:
     assert keys.streams == ("p:jobs:0", "p:jobs:1", "p:jobs:2")
     assert keys.priority_of(keys.stream(2)) == 2
     assert keys.job_id_of_done(keys.done("abc").encode()) == "abc"
-    assert {keys.result("a"), keys.dead_letter, keys.lease("c"), keys.seen("a")} == {
+    assert {keys.result("a"), keys.dead_letter(), keys.lease("c"), keys.seen("a")} == {
         "p:result:a",
         "p:dead",
         "p:lease:c",

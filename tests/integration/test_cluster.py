@@ -1,0 +1,222 @@
+"""Redis Cluster for real: three masters with a replica each, on loopback ports, made by redis-cli."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import pytest
+import redis
+
+from tests.conftest import FAST_LEASE_ENV, worker_env
+from tests.support.redis_server import free_port
+from tests.support.workers import WorkerProcess
+from worker.client import Client
+from worker.settings import RedisSettings
+
+pytestmark = pytest.mark.slow
+SHARDS = 6
+
+
+def _node_port() -> int:
+    """A free port whose cluster bus port (+10000) is valid and free too."""
+    while True:
+        port = free_port()
+        if port < 55_000:
+            try:
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", port + 10_000))
+                return port
+            except OSError:
+                continue
+
+
+class Cluster:
+    """Six redis-server processes (AOF, fsync every second), joined by `redis-cli --cluster create`."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.ports = [_node_port() for _ in range(6)]
+        self.workdir = workdir
+        self.processes: dict[int, subprocess.Popen[bytes]] = {}
+        binary = shutil.which("redis-server")
+        assert binary is not None
+        self.binary = binary
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.ports[0]}/0"
+
+    def start_node(self, port: int) -> None:
+        folder = self.workdir / str(port)
+        folder.mkdir(exist_ok=True)
+        self.processes[port] = subprocess.Popen(
+            [
+                *(self.binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder), "--save", ""),
+                *("--cluster-enabled", "yes", "--cluster-node-timeout", "2000", "--repl-diskless-sync-delay", "0"),
+                *("--appendonly", "yes", "--appendfsync", "everysec", "--logfile", str(folder / "log")),
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+
+    def start(self) -> None:
+        for port in self.ports:
+            self.start_node(port)
+        for port in self.ports:
+            self._wait(lambda p=port: redis.Redis(port=p).ping())
+        subprocess.run(
+            [
+                *("redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports)),
+                *("--cluster-replicas", "1", "--cluster-yes"),
+            ],
+            check=True,
+            capture_output=True,
+        )
+        self.wait_ok()
+
+    def wait_ok(self) -> None:
+        def ok() -> bool:
+            live = [p for p, proc in self.processes.items() if proc.poll() is None]
+            if not all(redis.Redis(port=p).cluster("info")["cluster_state"] == "ok" for p in live):
+                return False
+            # replicas that never synced with their master would not take over from it
+            roles = [redis.Redis(port=p).info("replication") for p in live]
+            return all(r.get("master_link_status", "up") == "up" for r in roles)
+
+        self._wait(ok, 30)
+
+    @staticmethod
+    def _wait(check: object, timeout_s: float = 10) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                if check():  # type: ignore[operator]
+                    return
+            except redis.RedisError:
+                pass
+            assert time.monotonic() < deadline, "the cluster did not come up"
+            time.sleep(0.1)
+
+    def masters(self) -> list[int]:
+        nodes = redis.Redis(port=self.ports[0]).cluster("nodes")
+        return [
+            int(address.split(":")[1].split("@")[0])
+            for address, node in nodes.items()
+            if "master" in node["flags"] and "fail" not in node["flags"] and node["slots"]
+        ]
+
+    def kill(self, port: int) -> None:
+        self.processes[port].send_signal(signal.SIGKILL)
+        self.processes[port].wait()
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    made = Cluster(tmp_path)
+    made.start()
+    yield made
+    made.stop()
+
+
+def _env(cluster: Cluster, **extra: str) -> dict[str, str]:
+    return worker_env(
+        cluster.url,
+        **FAST_LEASE_ENV,
+        IMGWORKER_REDIS__CLUSTER="true",
+        IMGWORKER_REDIS__SHARDS=str(SHARDS),
+        IMGWORKER_BACKEND__KIND="fake",
+        **extra,
+    )
+
+
+def _jpegs(photos: list[Path], count: int) -> list[bytes]:
+    sources = [cv2.imread(str(p)) for p in photos[:10]]
+    return [cv2.imencode(".jpg", cv2.resize(sources[i % 10], (256, 192)))[1].tobytes() for i in range(count)]
+
+
+def test_jobs_spread_over_the_masters_and_a_killed_worker_loses_none(cluster: Cluster, photos: list[Path]) -> None:
+    settings = RedisSettings(url=cluster.url, cluster=True, shards=SHARDS)
+    env = _env(cluster, IMGWORKER_BACKEND__FAKE__IMAGE_MS="50")
+    with Client(redis_settings=settings) as client:
+        ids = client.submit_many(_jpegs(photos, 200))
+        holding = {port for port in cluster.masters() if redis.Redis(port=port).keys("imgworker:{*}:jobs:1")}
+        with WorkerProcess(env) as first, WorkerProcess(env) as second:
+            first.wait_ready()
+            second.wait_ready()
+            time.sleep(1.0)
+            consumer = next(line for line in first.lines if " consumer " in line).split(" consumer ")[1].split(",")[0]
+            nodes = redis.RedisCluster.from_url(cluster.url)
+            orphaned = sum(
+                len(nodes.xpending_range(stream, "workers", "-", "+", 1000, consumername=consumer))
+                for stream in [f"imgworker:{{{s}}}:jobs:1" for s in range(SHARDS)]
+            )
+            first.process.send_signal(signal.SIGKILL)
+            results = client.wait_many(ids, timeout_s=120)
+            nodes.close()
+    statuses = {r.status for r in results.values()}
+    figure = (
+        f"shards on {len(holding)} of 3 masters; a worker killed holding {orphaned} jobs; "
+        f"{len(results)} of 200 results, statuses {statuses}"
+    )
+    print(figure)
+    assert len(holding) >= 2 and orphaned > 0 and statuses == {"ok"}, figure
+
+
+@pytest.mark.parametrize("replicas", [0, 1])
+def test_a_master_failing_over_under_load(cluster: Cluster, photos: list[Path], replicas: int) -> None:
+    """SIGKILL to a master while jobs are submitted and run; its replica takes over, and the old
+    master comes back as a replica. Producers that wait for a replica (``replicas=1``, Redis WAIT)
+    lose none, and are refused while a shard has no replica; with fsync every second and no wait,
+    the figure says how many acknowledged jobs were lost."""
+    settings = RedisSettings(url=cluster.url, cluster=True, shards=SHARDS, replicas=replicas)
+    jobs = _jpegs(photos, 40)
+    submitted: list[str] = []
+    with (
+        WorkerProcess(_env(cluster, IMGWORKER_BACKEND__FAKE__IMAGE_MS="5")) as worker,
+        Client(redis_settings=settings) as client,
+    ):
+        worker.wait_ready()
+        stop = threading.Event()
+
+        def produce() -> None:
+            with Client(redis_settings=settings) as producer:
+                while not stop.is_set():  # about 200 jobs/s: what the worker keeps up with
+                    with contextlib.suppress(Exception):  # a submit that failed was not acknowledged
+                        submitted.extend(producer.submit_many(jobs, timeout_s=20))
+                    time.sleep(0.2)
+
+        thread = threading.Thread(target=produce)
+        thread.start()
+        time.sleep(2.0)
+        victim = next(p for p in cluster.masters() if p != cluster.ports[0])
+        cluster.kill(victim)
+        killed_with = len(submitted)
+        time.sleep(6.0)  # failover: node timeout 2 s, then the election
+        cluster.start_node(victim)  # it comes back as a replica: the shard has a replica again
+        cluster.wait_ok()
+        time.sleep(2.0)
+        stop.set()
+        thread.join()
+        results = client.gather(submitted, timeout_s=60)
+    lost = len(submitted) - len(results)
+    statuses = {r.status for r in results.values()}
+    figure = (
+        f"replicas={replicas}: {len(submitted)} jobs acknowledged ({killed_with} before the master died), "
+        f"{len(results)} results ({statuses}), {lost} lost"
+    )
+    print(figure)
+    assert statuses <= {"ok"} and len(submitted) > killed_with > 0, figure
+    if replicas:
+        assert lost == 0, figure
