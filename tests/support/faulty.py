@@ -92,3 +92,10 @@ class CrashingFakeBackend(FakeBackend):
 
     def _make_lanes(self, bucket: BucketSpec, profile: int) -> list[Lane]:
         return [_CrashingLane(bucket, self) for _ in range(self.settings.fake.lanes)]
+
+
+class TransientFakeBackend(FaultyFakeBackend):
+    """The fake backend; a poisoned batch fails transiently, every time (until it is dead-lettered)."""
+
+    kind = "transient-fake"
+    mode = "transient"
