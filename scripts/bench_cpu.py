@@ -18,36 +18,22 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.support.redis_server import RedisServer  # noqa: E402
-from tests.support.workers import run_jobs, worker_env  # noqa: E402
+from tests.support.corpus import resized_jpegs  # noqa: E402
+from tests.support.workers import run_on_fresh_redis  # noqa: E402
 from worker.backends import open_backend  # noqa: E402
 from worker.buckets import load_model_spec  # noqa: E402
 from worker.graph import engine_output  # noqa: E402
 from worker.imaging import ByteBudget, Limits, prepare  # noqa: E402
 from worker.postprocess import text_boxes  # noqa: E402
 from worker.settings import Settings  # noqa: E402
-
-
-def corpus(size: tuple[int, int], count: int) -> list[bytes]:
-    """Real photos re-encoded as JPEGs of one size, repeated to ``count`` jobs."""
-    photos_dir = Settings().assets_dir / "photos"
-    photos = sorted(p for p in photos_dir.iterdir() if p.suffix.lower() in {".jpg", ".png"})
-    encoded = []
-    for photo in photos:
-        image = cv2.imread(str(photo), cv2.IMREAD_COLOR)
-        if image is not None and min(image.shape[:2]) >= 64:
-            encoded.append(cv2.imencode(".jpg", cv2.resize(image, size), [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes())
-    return [encoded[i % len(encoded)] for i in range(count)]
 
 
 def baseline(images: list[bytes], settings: Settings) -> float:
@@ -71,28 +57,16 @@ def baseline(images: list[bytes], settings: Settings) -> float:
 
 
 def measure_worker(images: list[bytes], extra_env: dict[str, str], processes: int) -> dict[str, float]:
-    with tempfile.TemporaryDirectory() as workdir:
-        server = RedisServer(Path(workdir))
-        server.start()
-        try:
-            assert server.process is not None
-            run = run_jobs(
-                worker_env(server.url, **extra_env),
-                list(images),
-                redis_pid=server.process.pid,
-                args=("--processes", str(processes)),
-            )
-        finally:
-            server.stop()
-    totals = sorted(r.result["timings_ms"]["total"] for r in run.results if r.status == "ok")
-    assert len(totals) == len(images), "every job must succeed"
+    run = run_on_fresh_redis(list(images), extra_env, args=("--processes", str(processes)))
+    latencies = run.in_worker_ms
+    assert len(latencies) == len(images), "every job must succeed"
     return {
         "img_s": run.steady_rate,
         "cores": run.worker_cores,
         "per_core": run.per_core,
         "redis_cores": run.redis_cores,
-        "p50_ms": statistics.median(totals),
-        "p99_ms": float(np.percentile(totals, 99)),
+        "p50_ms": statistics.median(latencies),
+        "p99_ms": float(np.percentile(latencies, 99)),
     }
 
 
@@ -108,7 +82,7 @@ def main() -> int:
     args = parser.parse_args()
     width, height = (int(v) for v in args.size.split("x"))
     jobs = args.jobs or (2000 if args.backend == "fake" else 200)
-    images = corpus((width, height), jobs)
+    images = resized_jpegs((width, height), jobs)
     env = {"IMGWORKER_BACKEND__KIND": args.backend}
     if args.backend == "fake":
         env["IMGWORKER_BACKEND__FAKE__BATCH_MS"] = str(args.batch_ms)
@@ -132,7 +106,8 @@ def main() -> int:
         f"{median['per_core']:.1f} images/s per core ({median['per_core'] / median['baseline_img_s']:.2f}x the "
         f"baseline's per-core rate); redis-server used {median['redis_cores']:.2f} cores"
     )
-    print(f"worker latency, all submitted at once: p50 {median['p50_ms']:.0f} ms, p99 {median['p99_ms']:.0f} ms")
+    latency = f"p50 {median['p50_ms']:.0f} ms, p99 {median['p99_ms']:.0f} ms"
+    print(f"worker latency, read to result, all submitted at once: {latency}")
     if args.json:
         args.json.write_text(
             json.dumps(

@@ -28,7 +28,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -40,8 +39,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from tests.support.boxes import unmatched  # noqa: E402
-from tests.support.redis_server import RedisServer  # noqa: E402
-from tests.support.workers import run_jobs, worker_env  # noqa: E402
+from tests.support.corpus import resized_jpegs, sample_photos  # noqa: E402
+from tests.support.workers import run_on_fresh_redis  # noqa: E402
 from worker.buckets import ModelSpec, load_model_spec  # noqa: E402
 from worker.settings import Settings  # noqa: E402
 
@@ -52,25 +51,8 @@ CONTEXTS = (1, 2, 4)
 CLEAR_SCORE, BOX_IOU = 0.6, 0.9
 
 
-def photos(settings: Settings) -> list[Path]:
-    folder = settings.assets_dir / "photos"
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
-
-
-def uniform_corpus(settings: Settings, count: int) -> list[bytes]:
-    import cv2
-
-    encoded = []
-    for photo in photos(settings):
-        image = cv2.imread(str(photo), cv2.IMREAD_COLOR)
-        if image is not None and min(image.shape[:2]) >= 64:
-            resized = cv2.resize(image, UNIFORM_SIZE, interpolation=cv2.INTER_AREA)
-            encoded.append(cv2.imencode(".jpg", resized, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes())
-    return [encoded[i % len(encoded)] for i in range(count)]
-
-
-def mixed_corpus(settings: Settings, count: int) -> list[bytes]:
-    data = [p.read_bytes() for p in photos(settings)]
+def mixed_corpus(count: int) -> list[bytes]:
+    data = [p.read_bytes() for p in sample_photos()]
     return [data[i % len(data)] for i in range(count)]
 
 
@@ -94,7 +76,7 @@ def gpu_only_img_s(backend: Any, bucket: str, shape: tuple[int, int, int], runs:
     lane.input(n, h, w)[:] = np.random.default_rng(0).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
     for _ in range(20):
         lane.time_execute(n, h, w)
-    return n / (statistics.median(lane.time_execute(n, h, w) for _ in range(runs)) / 1000)
+    return float(n / (statistics.median(lane.time_execute(n, h, w) for _ in range(runs)) / 1000))
 
 
 def loop_lanes(backend: Any, batches: list[tuple[str, np.ndarray]], contexts: int, seconds: float) -> float:
@@ -134,7 +116,7 @@ def real_pixels(
     """Batches of real photos at the given (bucket, n, h, w) shapes (resized, so no padding)."""
     import cv2
 
-    sources = [cv2.imread(str(p), cv2.IMREAD_COLOR) for p in photos(settings)[:32]]
+    sources = [image for p in sample_photos()[:32] if (image := cv2.imread(str(p), cv2.IMREAD_COLOR)) is not None]
     out = []
     for k, (bucket, n, h, w) in enumerate(shapes):
         batch = np.stack([cv2.resize(sources[(k + i) % len(sources)], (w, h)) for i in range(n)])
@@ -145,20 +127,14 @@ def real_pixels(
 # ---- the worker ----------------------------------------------------------------------------
 
 
-def worker_run(settings: Settings, images: list[bytes], processes: int, extra_env: dict[str, str]) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory() as workdir:
-        server = RedisServer(Path(workdir))
-        server.start()
-        try:
-            assert server.process is not None
-            env = worker_env(server.url, IMGWORKER_LOG_LEVEL="INFO", **extra_env)
-            args = ("--processes", str(processes))
-            run = run_jobs(env, images, redis_pid=server.process.pid, args=args, timeout_s=1200)
-        finally:
-            server.stop()
+def worker_run(
+    images: list[bytes], processes: int, extra_env: dict[str, str], gpus: str | None = None
+) -> dict[str, Any]:
+    args = ("--processes", str(processes), *(("--gpus", gpus) if gpus else ()))
+    run = run_on_fresh_redis(images, {"IMGWORKER_LOG_LEVEL": "INFO", **extra_env}, args=args, timeout_s=1200)
     ok = [r for r in run.results if r.status == "ok"]
     assert len(ok) == len(images), f"{len(images) - len(ok)} jobs failed: {[r.message for r in run.results][:3]}"
-    totals = [r.result["timings_ms"]["total"] for r in ok]
+    in_worker = run.in_worker_ms
     batches = sum(v for (name, _), v in run.metrics.items() if name == "imgworker_batch_size_count")
     mix: dict[tuple[str, int, int, int], float] = {}
     for r in ok:  # every batch the worker ran, counted from its jobs: size n means n jobs
@@ -168,12 +144,13 @@ def worker_run(settings: Settings, images: list[bytes], processes: int, extra_en
     return {
         "jobs": len(images),
         "img_s": run.steady_rate,
-        "p50_ms": statistics.median(totals),
-        "p99_ms": float(np.percentile(totals, 99)),
+        "p50_ms": statistics.median(in_worker),
+        "p99_ms": float(np.percentile(in_worker, 99)),
         "mean_batch": len(images) / max(batches, 1),
         "cores": run.worker_cores,
         "redis_cores": run.redis_cores,
         "processes": processes,
+        "gpus": gpus or "",
         "batch_mix": [[*key, round(count)] for key, count in mix.items()],
     }
 
@@ -187,7 +164,7 @@ def sample_boxes(settings: Settings, spec: ModelSpec, count: int = 40) -> dict[s
     backend = open_engine(settings, spec, 1)
     try:
         out = {}
-        for photo in photos(settings)[:: max(len(photos(settings)) // count, 1)][:count]:
+        for photo in sample_photos()[:: max(len(sample_photos()) // count, 1)][:count]:
             p = prepare(photo.read_bytes(), spec, Limits(40_000_000, 1 << 30), ByteBudget(1 << 30))
             lane = backend.lanes(p.bucket.id)[0]
             lane.input(1, p.height, p.width)[0] = p.image
@@ -198,15 +175,20 @@ def sample_boxes(settings: Settings, spec: ModelSpec, count: int = 40) -> dict[s
         backend.close()
 
 
-def measure(args: argparse.Namespace) -> int:
-    fp16 = args.precision == "fp16"
+def precision_env(precision: str) -> dict[str, str]:
+    """The plan's settings, in this process's environment too (engines opened here build or find it)."""
     env = {
         "IMGWORKER_MODEL_SPEC": str(SPEC),
         "IMGWORKER_BACKEND__KIND": "tensorrt",
-        "IMGWORKER_BACKEND__TENSORRT__FP16": "true" if fp16 else "false",
+        "IMGWORKER_BACKEND__TENSORRT__FP16": "true" if precision == "fp16" else "false",
         "IMGWORKER_BACKEND__TENSORRT__TF32": "false",
     }
     os.environ.update(env)
+    return env
+
+
+def measure(args: argparse.Namespace) -> int:
+    env = precision_env(args.precision)
     settings = Settings.load()
     spec = load_model_spec(SPEC)
     from worker.backends.tensorrt.build import plan_for
@@ -233,7 +215,7 @@ def measure(args: argparse.Namespace) -> int:
         "date": datetime.date.today().isoformat(),
         "gpu": info.get("device"),
         "tensorrt": info.get("tensorrt"),
-        "cpus": os.cpu_count(),
+        "cpus": len(os.sched_getaffinity(0)),
         "plan": plan.name,
         "build_s": meta["build_s"],
         "uniform_shape": list(uniform_shape),
@@ -241,10 +223,10 @@ def measure(args: argparse.Namespace) -> int:
     }
     extra = {f"IMGWORKER_{k}": v for k, v in (item.split("=", 1) for item in args.env)}
     worker_env = {**env, "IMGWORKER_BACKEND__TENSORRT__INSTANCES": str(args.contexts), **extra}
-    uniform = uniform_corpus(settings, args.jobs)
+    uniform = resized_jpegs(UNIFORM_SIZE, args.jobs)
     sweep = {}
     for processes in args.processes:  # choose the process count by measuring it
-        run = worker_run(settings, uniform, processes, worker_env)
+        run = worker_run(uniform, processes, worker_env)
         sweep[processes] = run
         print(
             f"worker, uniform, {processes} processes: {run['img_s']:.0f} img/s, p50 {run['p50_ms']:.0f} ms, "
@@ -254,7 +236,7 @@ def measure(args: argparse.Namespace) -> int:
     best = max(sweep, key=lambda p: sweep[p]["img_s"])
     results["sweep"] = {p: {k: v for k, v in r.items() if k != "batch_mix"} for p, r in sweep.items()}
     results["uniform"] = sweep[best]
-    run = worker_run(settings, mixed_corpus(settings, args.jobs), best, worker_env)
+    run = worker_run(mixed_corpus(args.jobs), best, worker_env)
     results["mixed"] = run
     print(
         f"worker, mixed, {best} processes: {run['img_s']:.0f} img/s, p50 {run['p50_ms']:.0f} ms, "
@@ -271,6 +253,38 @@ def measure(args: argparse.Namespace) -> int:
     results["boxes"] = sample_boxes(settings, spec)
     args.out.write_text(json.dumps(results, indent=1))
     print(f"written {args.out}", flush=True)
+    return 0
+
+
+def scale_gpus(args: argparse.Namespace) -> int:
+    """The uniform corpus on one GPU, then on several, ``--processes`` workers per GPU each time."""
+    from worker.supervisor import visible_gpus
+
+    env = precision_env(args.precision) | {"IMGWORKER_BACKEND__TENSORRT__INSTANCES": str(args.contexts)}
+    devices = visible_gpus(args.gpus)
+    if len(devices) < 2:
+        raise SystemExit(f"--gpus {args.gpus} names {len(devices)} GPU(s); this compares one with several")
+    uniform = resized_jpegs(UNIFORM_SIZE, args.jobs)
+    runs = {}
+    for gpus in (str(devices[0]), ",".join(map(str, devices))):
+        runs[gpus] = run = worker_run(uniform, args.processes, env, gpus=gpus)
+        print(
+            f"worker, uniform, GPUs {gpus}, {args.processes} processes each: {run['img_s']:.0f} img/s, "
+            f"p50 {run['p50_ms']:.0f} ms, p99 {run['p99_ms']:.0f} ms, {run['cores']:.1f} cores",
+            flush=True,
+        )
+    one, many = runs.values()
+    result = {
+        "precision": args.precision,
+        "date": datetime.date.today().isoformat(),
+        "cpus": len(os.sched_getaffinity(0)),
+        "gpus": len(devices),
+        "one": {k: v for k, v in one.items() if k != "batch_mix"},
+        "many": {k: v for k, v in many.items() if k != "batch_mix"},
+        "speedup": many["img_s"] / one["img_s"],
+    }
+    print(f"{len(devices)} GPUs over one: {result['speedup']:.2f}x", flush=True)
+    args.out.write_text(json.dumps(result, indent=1))
     return 0
 
 
@@ -387,9 +401,98 @@ def report(args: argparse.Namespace) -> int:
             f"{cpu['img_s']:.0f} images/s on {cpu['cores']:.2f} cores = **{cpu['per_core']:.0f} images/s per core**; "
             f"a one-image-at-a-time loop does {cpu['baseline_img_s']:.0f} per core on the same machine.",
         ]
+    if args.gpus:
+        lines += gpus_section(json.loads(args.gpus.read_text()))
+    if args.redis:
+        lines += redis_section(json.loads(args.redis.read_text()), args.docs / "performance-redis.png")
     out.write_text("\n".join(lines) + "\n")
     print(out.read_text())
     return 0
+
+
+def gpus_section(data: dict[str, Any]) -> list[str]:
+    lines = [
+        "",
+        f"## Several GPUs (`scripts/bench_gpu.py gpus --precision {data['precision']}`)",
+        "",
+        f"The uniform corpus through `imgworker run --gpus`, {data['one']['processes']} worker processes per GPU, "
+        f"one engine server per GPU, on a host with {data['gpus']} GPUs and {data['cpus']} CPU cores, "
+        f"measured {data['date']}:",
+        "",
+        "| GPUs | jobs | images/s | p50 ms | p99 ms | mean batch | CPU cores |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for count, run in ((1, data["one"]), (data["gpus"], data["many"])):
+        lines.append(
+            f"| {count} | {run['jobs']} | {run['img_s']:.0f} | {run['p50_ms']:.0f} | {run['p99_ms']:.0f} | "
+            f"{run['mean_batch']:.1f} | {run['cores']:.1f} |"
+        )
+    return [*lines, "", f"    {data['gpus']} GPUs over one: {data['speedup']:.2f}x"]
+
+
+def redis_section(data: dict[str, Any], png: Path) -> list[str]:
+    rows = data["rows"]
+    plot_redis(rows, png)
+    lines = [
+        "",
+        "## How far one Redis goes (`scripts/bench_redis.py --cluster`)",
+        "",
+        f"Independent `imgworker run` processes with the fake backend (no model: only Redis, decoding and "
+        f"postprocessing cost anything) against one redis-server and against a three-master Redis Cluster "
+        f"(a replica each, {data['shards']} job shards), on {data['cpus']} CPU cores; every job submitted "
+        "before the workers start. Redis cores: CPU time of every redis-server process over the steady window.",
+        "",
+        f"![images/s against worker processes]({png.name})",
+        "",
+        "| Redis | image | workers | images/s | MB/s | worker cores | Redis cores | Redis core-ms per image: "
+        "submit + work |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['target']} | {r['size']} ({r['kb']} KB) | {r['workers']} | {r['img_s']:.0f} | {r['mb_s']:.0f} | "
+            f"{r['worker_cores']:.1f} | {r['redis_cores']:.2f} | {r['redis_submit_core_ms_per_image']:.3f} + "
+            f"{r['redis_work_core_ms_per_image']:.3f} |"
+        )
+    lines += [
+        "",
+        "Where one redis-server stops: it runs commands on one thread, so it is full at one core, and every "
+        "image costs it the submission (XADD of the bytes) plus the work (the read, the settle script).",
+    ]
+    for size in dict.fromkeys(r["size"] for r in rows):
+        single = [r for r in rows if r["size"] == size and r["target"] == "redis"]
+        best = max(single, key=lambda r: r["img_s"])
+        cost = statistics.median(
+            r["redis_submit_core_ms_per_image"] + r["redis_work_core_ms_per_image"] for r in single
+        )
+        lines.append(
+            f"- {size}: at a median {cost:.3f} core-ms per image one Redis tops out near "
+            f"**{1000 / cost:.0f} images/s** ({1000 / cost * best['kb'] / 1000:.0f} MB/s); the best measured here "
+            f"was {best['img_s']:.0f} images/s with {best['workers']} workers, "
+            f"Redis at {best['redis_cores']:.2f} cores."
+        )
+    return lines
+
+
+def plot_redis(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = list(dict.fromkeys(r["size"] for r in rows))
+    fig, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 3.6), squeeze=False)
+    for ax, size in zip(axes[0], sizes, strict=True):
+        for target in dict.fromkeys(r["target"] for r in rows):
+            points = sorted((r["workers"], r["img_s"]) for r in rows if r["size"] == size and r["target"] == target)
+            ax.plot(*zip(*points, strict=True), marker="o", label=target)
+        ax.set_title(f"{size} JPEGs, fake backend")
+        ax.set_xlabel("worker processes")
+        ax.set_ylabel("images/s")
+        ax.set_ylim(bottom=0)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def main() -> int:
@@ -409,9 +512,19 @@ def main() -> int:
     m.add_argument("--contexts", type=int, default=4, help="execution contexts per bucket in the engine")
     m.add_argument("--env", nargs="*", default=[], metavar="SECTION__FIELD=VALUE", help="more worker settings")
     m.set_defaults(handler=measure)
+    g = sub.add_parser("gpus", help="the uniform corpus on one GPU and on several")
+    g.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
+    g.add_argument("--out", type=Path, required=True)
+    g.add_argument("--gpus", default="all", metavar="all|0,1")
+    g.add_argument("--processes", type=int, default=4, help="worker processes per GPU")
+    g.add_argument("--jobs", type=int, default=16000)
+    g.add_argument("--contexts", type=int, default=4, help="execution contexts per bucket in each engine")
+    g.set_defaults(handler=scale_gpus)
     r = sub.add_parser("report")
     r.add_argument("results", type=Path, nargs="+")
     r.add_argument("--cpu", type=Path, help="bench_cpu.py --json output")
+    r.add_argument("--gpus", type=Path, help="bench_gpu.py gpus output")
+    r.add_argument("--redis", type=Path, help="bench_redis.py --json output")
     r.add_argument("--docs", type=Path, default=REPO / "docs")
     r.set_defaults(handler=report)
     args = parser.parse_args()

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import redis
 
+from tests.support.corpus import sample_photos
 from tests.support.redis_server import RedisServer
 from tests.support.workers import REPO, worker_env
 from worker.buckets import ModelSpec, load_model_spec
@@ -66,7 +67,7 @@ def onnx_path(assets_dir: Path, spec: ModelSpec) -> Path:
 
 @pytest.fixture(scope="session")
 def photos(assets_dir: Path) -> list[Path]:
-    return sorted(p for p in (assets_dir / "photos").iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
+    return sample_photos(assets_dir)
 
 
 @pytest.fixture(scope="session")

@@ -33,10 +33,12 @@ async def serving(
 ) -> AsyncIterator[Running]:
     """Open the backend, run a Service until the block ends (then stop it), close the backend."""
     spec = spec or load_model_spec(settings.model_spec)
-    backend = backend or await asyncio.to_thread(open_backend, spec, settings.onnx_path(spec.onnx), settings.backend)
+    if backend is None:
+        backend = await asyncio.to_thread(open_backend, spec, settings.onnx_path(spec.onnx), settings.backend)
+    opened: Backend = backend
     metrics = Metrics()
     broker = Broker(settings.redis)
-    service = Service(settings, spec, backend, broker, metrics)
+    service = Service(settings, spec, opened, broker, metrics)
     running = Running(service, asyncio.create_task(service.run()), metrics)
     try:
         if wait_ready:
@@ -51,4 +53,4 @@ async def serving(
             await running.stop()
         await broker.aclose()
         if service.lanes_idle():
-            backend.close()
+            opened.close()

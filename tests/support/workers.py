@@ -7,18 +7,22 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support.redis_server import RedisServer
 from worker.client import Client, ImageInput
 from worker.protocol import JobResult
+from worker.settings import RedisSettings
 
 REPO = Path(__file__).resolve().parents[2]
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -146,20 +150,38 @@ def worker_env(redis_url: str, **extra: str) -> dict[str, str]:
     return env
 
 
+def client_settings(env: dict[str, str]) -> RedisSettings:
+    """The Redis settings a worker started with ``env`` uses, for a client that must agree with it."""
+    return RedisSettings(
+        url=env["IMGWORKER_REDIS__URL"],
+        prefix=env.get("IMGWORKER_REDIS__PREFIX", "imgworker"),
+        cluster=env.get("IMGWORKER_REDIS__CLUSTER", "false").lower() in {"1", "true", "yes"},
+        shards=int(env.get("IMGWORKER_REDIS__SHARDS", "1")),
+    )
+
+
 @dataclass(frozen=True)
 class Run:
     results: list[JobResult]  # in submission order
-    elapsed_s: float  # first submission to last result
     metrics: Samples  # /metrics just before the worker was stopped
     #: the steady window, between 10% and 90% of the results: images/s, and CPU cores the worker
-    #: (and redis-server, when its pid is given) used on average in it
+    #: (and the redis-server processes, when their pids are given) used on average in it
     steady_rate: float
     worker_cores: float
     redis_cores: float
+    #: CPU seconds the redis-server processes spent taking the submissions (before any worker started)
+    redis_submit_core_s: float
 
     @property
     def per_core(self) -> float:
         return self.steady_rate / max(self.worker_cores, 1e-9)
+
+    @property
+    def in_worker_ms(self) -> list[float]:
+        """Each successful job's time from a worker reading it to its result: with the whole backlog
+        queued up front, the time from enqueueing would mostly measure the queue."""
+        ok = [r.result["timings_ms"] for r in self.results if r.status == "ok"]
+        return [timings["total"] - timings["queue"] for timings in ok]
 
 
 class CpuSampler:
@@ -194,58 +216,81 @@ class CpuSampler:
 
 def run_jobs(
     env: dict[str, str],
-    images: list[ImageInput],
+    images: Sequence[ImageInput],
     *,
     prefix: str = "imgworker",
     timeout_s: float = 1800,
-    redis_pid: int | None = None,
+    redis_pids: tuple[int, ...] = (),
     workers: int = 1,
     args: tuple[str, ...] = (),
 ) -> Run:
-    """Start ``workers`` worker processes (each ``run`` with ``args``), submit every image at once, wait
+    """Submit every image, then start ``workers`` worker processes (each ``run`` with ``args``), wait
     for all results, SIGTERM them.
 
-    The steady window comes from the workers' own completion times (each result's enqueue time plus
-    its end-to-end time), so a client slower at collecting results than the workers are at
-    producing them does not distort the figure.
+    The whole backlog is in Redis before a worker starts, so the workers, not the client's
+    submission rate, set the pace; the steady window comes from the workers' own completion times
+    (each result's enqueue time plus its end-to-end time), so neither the workers' start-up nor a
+    client slower at collecting results than the workers are at producing them distorts the figure.
     """
     env = {**env, "IMGWORKER_REDIS__PREFIX": prefix}
-    processes = [WorkerProcess(env, *args) for _ in range(workers)]
-    try:
-        for worker in processes:
-            worker.wait_ready(900)
-        worker_cpu = CpuSampler([w.process.pid for w in processes])
-        redis_cpu = CpuSampler([redis_pid]) if redis_pid else None
-        with Client(env["IMGWORKER_REDIS__URL"], prefix=prefix) as client:
-            started = time.monotonic()
-            ids = client.submit_many(images)
+    redis_cpu = CpuSampler(list(redis_pids)) if redis_pids else None
+    with Client(redis_settings=client_settings(env)) as client:
+        submit_started = time.time()
+        ids = client.submit_many(images)
+        submit_ended = time.time()
+        processes = [WorkerProcess(env, *args) for _ in range(workers)]
+        try:
+            worker_cpu = CpuSampler([w.process.pid for w in processes])
+            for worker in processes:
+                worker.wait_ready(900)
             results = client.gather(ids, timeout_s=timeout_s)
-            elapsed_s = time.monotonic() - started
-        worker_cpu.stop()
-        if redis_cpu:
-            redis_cpu.stop()
-        logs = "\n".join(w.log[-2000:] for w in processes)
-        assert len(results) == len(ids), f"{len(ids) - len(results)} jobs without a result:\n{logs}"
-        metrics: Samples = {}
-        for worker in processes:
-            for key, value in worker.metrics().items():
-                metrics[key] = metrics.get(key, 0.0) + value
-        for worker in processes:
-            worker.process.send_signal(signal.SIGTERM)
-        for worker in processes:
-            assert worker.wait(60) == 0, worker.log
-    finally:
-        for worker in processes:
-            worker.kill()
+            worker_cpu.stop()
+            if redis_cpu:
+                redis_cpu.stop()
+            logs = "\n".join(w.log[-2000:] for w in processes)
+            assert len(results) == len(ids), f"{len(ids) - len(results)} jobs without a result:\n{logs}"
+            metrics: Samples = {}
+            for worker in processes:
+                for key, value in worker.metrics().items():
+                    metrics[key] = metrics.get(key, 0.0) + value
+            for worker in processes:
+                worker.process.send_signal(signal.SIGTERM)
+            for worker in processes:
+                assert worker.wait(60) == 0, worker.log
+        finally:
+            for worker in processes:
+                worker.kill()
     ordered = [results[job_id] for job_id in ids]
     done = sorted(r.result["finished_ms"] / 1000 for r in ordered if r.status == "ok")
     low, high = done[len(done) // 10], done[len(done) * 9 // 10]
     window = max(high - low, 1e-9)
     return Run(
         ordered,
-        elapsed_s,
         metrics,
         steady_rate=(len(done) * 9 // 10 - len(done) // 10) / window,
         worker_cores=(worker_cpu.at(high) - worker_cpu.at(low)) / window,
         redis_cores=(redis_cpu.at(high) - redis_cpu.at(low)) / window if redis_cpu else 0.0,
+        redis_submit_core_s=redis_cpu.at(submit_ended) - redis_cpu.at(submit_started) if redis_cpu else 0.0,
     )
+
+
+def run_on_fresh_redis(
+    images: Sequence[ImageInput],
+    extra_env: dict[str, str],
+    *,
+    workers: int = 1,
+    args: tuple[str, ...] = (),
+    timeout_s: float = 1800,
+) -> Run:
+    """``run_jobs`` against a redis-server of its own, whose CPU is measured too."""
+    with tempfile.TemporaryDirectory() as workdir:
+        server = RedisServer(Path(workdir))
+        server.start()
+        try:
+            assert server.process is not None
+            env = worker_env(server.url, **extra_env)
+            return run_jobs(
+                env, images, redis_pids=(server.process.pid,), workers=workers, args=args, timeout_s=timeout_s
+            )
+        finally:
+            server.stop()
