@@ -172,3 +172,23 @@ def test_the_compose_file_is_valid_and_mounts_files_that_exist() -> None:
             source = str(volume).split(":")[0]
             if source.startswith("./"):
                 assert (REPO / source).exists(), source
+
+
+def test_the_cluster_compose_overlay_puts_every_worker_on_the_sharded_cluster() -> None:
+    run = subprocess.run(
+        [_tool("podman-compose"), "-f", "compose.yaml", "-f", "compose.cluster.yaml", "--profile", "gpu", "config"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    services = yaml.safe_load(run.stdout)["services"]
+    nodes = [name for name in services if name.startswith("redis-node-")]
+    assert len(nodes) == 6 and all("--cluster-enabled" in services[n]["command"] for n in nodes)
+    assert "--cluster-replicas 1" in services["redis-cluster-create"]["command"][0]
+    for worker in ("worker", "worker-gpu"):
+        env = services[worker]["environment"]
+        assert env["IMGWORKER_REDIS__CLUSTER"] == "true" and int(env["IMGWORKER_REDIS__SHARDS"]) > 1
+        assert env["IMGWORKER_REDIS__URL"].startswith("redis://redis-node-")
+        assert services[worker]["depends_on"]["redis-cluster-create"]["condition"] == "service_completed_successfully"
