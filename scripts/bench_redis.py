@@ -82,6 +82,9 @@ def main() -> int:
                 row = row_of(run, images, workers)
                 row |= {"size": label, "kb": round(kb), "target": target}
                 rows.append(row)
+                if args.json:  # after every row: a run cut short keeps what it measured
+                    measured = {"cpus": len(os.sched_getaffinity(0)), "shards": SHARDS, "rows": rows}
+                    args.json.write_text(json.dumps(measured, indent=1))
                 print(
                     f"{target:7} {label:9} ({kb:.0f} KB) {workers} workers: {row['img_s']:7.0f} img/s, "
                     f"{row['mb_s']:6.1f} MB/s, workers {row['worker_cores']:.2f} cores, "
@@ -90,9 +93,6 @@ def main() -> int:
                     f"{row['redis_work_core_ms_per_image']:.3f} to work",
                     flush=True,
                 )
-    if args.json:
-        measured = {"cpus": len(os.sched_getaffinity(0)), "shards": SHARDS, "rows": rows}
-        args.json.write_text(json.dumps(measured, indent=1))
     return 0
 
 
