@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))
 
 from tests.support.boxes import unmatched  # noqa: E402
 from tests.support.corpus import resized_jpegs, sample_photos  # noqa: E402
-from tests.support.workers import run_on_fresh_redis  # noqa: E402
+from tests.support.workers import run_on_fresh_cluster, run_on_fresh_redis  # noqa: E402
 from worker.buckets import ModelSpec, load_model_spec  # noqa: E402
 from worker.settings import Settings  # noqa: E402
 
@@ -128,10 +128,14 @@ def real_pixels(
 
 
 def worker_run(
-    images: list[bytes], processes: int, extra_env: dict[str, str], gpus: str | None = None
+    images: list[bytes], processes: int, extra_env: dict[str, str], gpus: str | None = None, cluster: bool = False
 ) -> dict[str, Any]:
     args = ("--processes", str(processes), *(("--gpus", gpus) if gpus else ()))
-    run = run_on_fresh_redis(images, {"IMGWORKER_LOG_LEVEL": "INFO", **extra_env}, args=args, timeout_s=1200)
+    env = {"IMGWORKER_LOG_LEVEL": "INFO", **extra_env}
+    if cluster:
+        run = run_on_fresh_cluster(images, env, args=args, timeout_s=1200)
+    else:
+        run = run_on_fresh_redis(images, env, args=args, timeout_s=1200)
     ok = [r for r in run.results if r.status == "ok"]
     assert len(ok) == len(images), f"{len(images) - len(ok)} jobs failed: {[r.message for r in run.results][:3]}"
     in_worker = run.in_worker_ms
@@ -217,6 +221,7 @@ def measure(args: argparse.Namespace) -> int:
         "tensorrt": info.get("tensorrt"),
         "cpus": len(os.sched_getaffinity(0)),
         "plan": plan.name,
+        "redis": "a three-master Redis Cluster" if args.cluster else "one redis-server",
         "build_s": meta["build_s"],
         "uniform_shape": list(uniform_shape),
         "raw": raw,
@@ -226,7 +231,7 @@ def measure(args: argparse.Namespace) -> int:
     uniform = resized_jpegs(UNIFORM_SIZE, args.jobs)
     sweep = {}
     for processes in args.processes:  # choose the process count by measuring it
-        run = worker_run(uniform, processes, worker_env)
+        run = worker_run(uniform, processes, worker_env, cluster=args.cluster)
         sweep[processes] = run
         print(
             f"worker, uniform, {processes} processes: {run['img_s']:.0f} img/s, p50 {run['p50_ms']:.0f} ms, "
@@ -236,7 +241,7 @@ def measure(args: argparse.Namespace) -> int:
     best = max(sweep, key=lambda p: sweep[p]["img_s"])
     results["sweep"] = {p: {k: v for k, v in r.items() if k != "batch_mix"} for p, r in sweep.items()}
     results["uniform"] = sweep[best]
-    run = worker_run(mixed_corpus(args.jobs), best, worker_env)
+    run = worker_run(mixed_corpus(args.jobs), best, worker_env, cluster=args.cluster)
     results["mixed"] = run
     print(
         f"worker, mixed, {best} processes: {run['img_s']:.0f} img/s, p50 {run['p50_ms']:.0f} ms, "
@@ -267,7 +272,7 @@ def scale_gpus(args: argparse.Namespace) -> int:
     uniform = resized_jpegs(UNIFORM_SIZE, args.jobs)
     runs = {}
     for gpus in (str(devices[0]), ",".join(map(str, devices))):
-        runs[gpus] = run = worker_run(uniform, args.processes, env, gpus=gpus)
+        runs[gpus] = run = worker_run(uniform, args.processes, env, gpus=gpus, cluster=args.cluster)
         print(
             f"worker, uniform, GPUs {gpus}, {args.processes} processes each: {run['img_s']:.0f} img/s, "
             f"p50 {run['p50_ms']:.0f} ms, p99 {run['p99_ms']:.0f} ms, {run['cores']:.1f} cores",
@@ -279,6 +284,7 @@ def scale_gpus(args: argparse.Namespace) -> int:
         "date": datetime.date.today().isoformat(),
         "cpus": len(os.sched_getaffinity(0)),
         "gpus": len(devices),
+        "redis": "a three-master Redis Cluster" if args.cluster else "one redis-server",
         "one": {k: v for k, v in one.items() if k != "batch_mix"},
         "many": {k: v for k, v in many.items() if k != "batch_mix"},
         "speedup": many["img_s"] / one["img_s"],
@@ -289,6 +295,17 @@ def scale_gpus(args: argparse.Namespace) -> int:
 
 
 # ---- report --------------------------------------------------------------------------------
+
+
+def redis_short(run: dict[str, Any]) -> str:
+    return "cluster" if "Cluster" in run.get("redis", "") else "1 Redis"
+
+
+def setup(run: dict[str, Any]) -> str:
+    """What differs between runs of one precision: the process counts tried, the Redis, the cores."""
+    tried = ", ".join(str(p) for p in sorted(int(p) for p in run.get("sweep", {})))
+    redis = run.get("redis", "one redis-server")
+    return f"{run['uniform']['processes']} of {tried} worker processes; {redis}; {run['cpus']} CPU cores"
 
 
 def ratio(run: dict[str, Any], raw: dict[str, float]) -> float:
@@ -313,7 +330,7 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
 
     labels, values, colors = [], [], []
     for run in runs:
-        p = run["precision"]
+        p = f"{run['precision']} ({run['uniform']['processes']} proc, {run['cpus']} cores, {redis_short(run)})"
         for key in ("gpu_only", *(f"contexts_{c}" for c in CONTEXTS)):
             labels.append(f"{p} engine {key.replace('contexts_', '').replace('gpu_only', 'GPU-only')}")
             values.append(run["raw"][key])
@@ -342,8 +359,8 @@ def report(args: argparse.Namespace) -> int:
     lines = [
         "# Performance",
         "",
-        f"Measured {first['date']} on the lent GPU machine ({first['gpu']}, TensorRT {first['tensorrt']}, "
-        f"{first['cpus']} CPU cores) by `scripts/bench_gpu.py`, one plan per precision "
+        f"Measured {first['date']} on the lent GPU machine ({first['gpu']}, TensorRT {first['tensorrt']}; "
+        "each run's CPU cores and Redis are on its ratio line) by `scripts/bench_gpu.py`, one plan per precision "
         f"(`tests/gpu/spec_small.yaml`: buckets s256 up to 16x256x256 and m512 up to 16x512x512; TF32 off).",
         "",
         "Ratios: the worker end to end (from Redis, steady window) over the best raw engine figure "
@@ -353,16 +370,18 @@ def report(args: argparse.Namespace) -> int:
     for run in runs:
         for corpus in ("uniform", "mixed"):
             raw = run["raw"] if corpus == "uniform" else run["mixed"]["raw"]
-            lines.append(f"    ratio {corpus} {run['precision']}: {ratio(run[corpus], raw):.2f}")
+            lines.append(f"    ratio {corpus} {run['precision']}: {ratio(run[corpus], raw):.2f}   ({setup(run)})")
     lines += [
         "",
         "![images/s per configuration](performance.png)",
         "",
-        "| precision | what | images/s | p50 ms | p99 ms | mean batch | CPU cores |",
+        "p50/p99: from a worker reading a job to its result (every job is queued before the workers start).",
+        "",
+        "| run | what | images/s | p50 ms | p99 ms | mean batch | CPU cores |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for run in runs:
-        p, raw = run["precision"], run["raw"]
+        p, raw = f"{run['precision']}, {run['cpus']} cores, {redis_short(run)}", run["raw"]
         n, h, w = run["uniform_shape"][1:]
         lines.append(f"| {p} | engine, GPU time only (CUDA events), {n}x{h}x{w} | {raw['gpu_only']:.0f} | | | | |")
         for c in CONTEXTS:
@@ -401,10 +420,12 @@ def report(args: argparse.Namespace) -> int:
             f"{cpu['img_s']:.0f} images/s on {cpu['cores']:.2f} cores = **{cpu['per_core']:.0f} images/s per core**; "
             f"a one-image-at-a-time loop does {cpu['baseline_img_s']:.0f} per core on the same machine.",
         ]
-    if args.gpus:
-        lines += gpus_section(json.loads(args.gpus.read_text()))
+    for path in args.gpus or []:
+        lines += gpus_section(json.loads(path.read_text()))
     if args.redis:
         lines += redis_section(json.loads(args.redis.read_text()), args.docs / "performance-redis.png")
+    if args.notes:
+        lines += ["", args.notes.read_text().strip()]
     out.write_text("\n".join(lines) + "\n")
     print(out.read_text())
     return 0
@@ -413,19 +434,20 @@ def report(args: argparse.Namespace) -> int:
 def gpus_section(data: dict[str, Any]) -> list[str]:
     lines = [
         "",
-        f"## Several GPUs (`scripts/bench_gpu.py gpus --precision {data['precision']}`)",
+        f"## Several GPUs (`scripts/bench_gpu.py gpus --precision {data['precision']}"
+        f"{' --cluster' if 'Cluster' in data.get('redis', '') else ''}`)",
         "",
         f"The uniform corpus through `imgworker run --gpus`, {data['one']['processes']} worker processes per GPU, "
-        f"one engine server per GPU, on a host with {data['gpus']} GPUs and {data['cpus']} CPU cores, "
-        f"measured {data['date']}:",
+        f"one engine server per GPU, jobs on {data.get('redis', 'one redis-server')}, on a host with "
+        f"{data['gpus']} GPUs and {data['cpus']} CPU cores, measured {data['date']}:",
         "",
-        "| GPUs | jobs | images/s | p50 ms | p99 ms | mean batch | CPU cores |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| GPUs | jobs | images/s | p50 ms | p99 ms | mean batch | worker CPU cores | Redis cores |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for count, run in ((1, data["one"]), (data["gpus"], data["many"])):
         lines.append(
             f"| {count} | {run['jobs']} | {run['img_s']:.0f} | {run['p50_ms']:.0f} | {run['p99_ms']:.0f} | "
-            f"{run['mean_batch']:.1f} | {run['cores']:.1f} |"
+            f"{run['mean_batch']:.1f} | {run['cores']:.1f} | {run['redis_cores']:.2f} |"
         )
     return [*lines, "", f"    {data['gpus']} GPUs over one: {data['speedup']:.2f}x"]
 
@@ -466,10 +488,11 @@ def redis_section(data: dict[str, Any], png: Path) -> list[str]:
             r["redis_submit_core_ms_per_image"] + r["redis_work_core_ms_per_image"] for r in single
         )
         lines.append(
-            f"- {size}: at a median {cost:.3f} core-ms per image one Redis tops out near "
-            f"**{1000 / cost:.0f} images/s** ({1000 / cost * best['kb'] / 1000:.0f} MB/s); the best measured here "
-            f"was {best['img_s']:.0f} images/s with {best['workers']} workers, "
-            f"Redis at {best['redis_cores']:.2f} cores."
+            f"- {size}: submission and work cost a median {cost:.3f} core-ms per image, so one Redis serving "
+            f"producers and workers at once is full near **{1000 / cost:.0f} images/s** "
+            f"({1000 / cost * best['kb'] / 1000:.0f} MB/s); here, the submissions done first, the workers alone "
+            f"reached {best['img_s']:.0f} images/s ({best['workers']} workers, "
+            f"Redis at {best['redis_cores']:.2f} cores)."
         )
     return lines
 
@@ -510,6 +533,7 @@ def main() -> int:
         help="worker process counts to try (comma-separated); the best runs the mixed corpus too",
     )
     m.add_argument("--contexts", type=int, default=4, help="execution contexts per bucket in the engine")
+    m.add_argument("--cluster", action="store_true", help="jobs on a local Redis Cluster (one Redis caps ~6000/s)")
     m.add_argument("--env", nargs="*", default=[], metavar="SECTION__FIELD=VALUE", help="more worker settings")
     m.set_defaults(handler=measure)
     g = sub.add_parser("gpus", help="the uniform corpus on one GPU and on several")
@@ -519,13 +543,15 @@ def main() -> int:
     g.add_argument("--processes", type=int, default=4, help="worker processes per GPU")
     g.add_argument("--jobs", type=int, default=16000)
     g.add_argument("--contexts", type=int, default=4, help="execution contexts per bucket in each engine")
+    g.add_argument("--cluster", action="store_true", help="jobs on a local Redis Cluster (one Redis caps ~6000/s)")
     g.set_defaults(handler=scale_gpus)
     r = sub.add_parser("report")
     r.add_argument("results", type=Path, nargs="+")
     r.add_argument("--cpu", type=Path, help="bench_cpu.py --json output")
-    r.add_argument("--gpus", type=Path, help="bench_gpu.py gpus output")
+    r.add_argument("--gpus", type=Path, nargs="*", help="bench_gpu.py gpus outputs")
     r.add_argument("--redis", type=Path, help="bench_redis.py --json output")
     r.add_argument("--docs", type=Path, default=REPO / "docs")
+    r.add_argument("--notes", type=Path, help="markdown appended as it is: what the figures mean")
     r.set_defaults(handler=report)
     args = parser.parse_args()
     return int(args.handler(args))

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +23,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from tests.support.corpus import resized_jpegs  # noqa: E402
-from tests.support.redis_cluster import Cluster  # noqa: E402
-from tests.support.workers import Run, run_jobs, run_on_fresh_redis, worker_env  # noqa: E402
+from tests.support.workers import Run, run_on_fresh_cluster, run_on_fresh_redis  # noqa: E402
 
 #: (label, JPEG size, quality, share of --jobs): about 60 KB and 500 KB from the sample photos; the
 #: large ones fewer, so both take Redis about the same bytes and time
 SIZES = (("640x480", (640, 480), 92, 1.0), ("1600x1200", (1600, 1200), 97, 0.25))
 SHARDS = 12
 FAKE = {"IMGWORKER_BACKEND__KIND": "fake", "IMGWORKER_PIPELINE__DECODE_THREADS": "2"}
-CLUSTER = {"IMGWORKER_REDIS__CLUSTER": "true", "IMGWORKER_REDIS__SHARDS": str(SHARDS)}
 
 
 def row_of(run: Run, images: list[bytes], workers: int) -> dict[str, Any]:
@@ -47,18 +44,6 @@ def row_of(run: Run, images: list[bytes], workers: int) -> dict[str, Any]:
         "redis_submit_core_ms_per_image": 1000 * run.redis_submit_core_s / len(images),
         "redis_work_core_ms_per_image": 1000 * run.redis_cores / max(run.steady_rate, 1e-9),
     }
-
-
-def on_cluster(images: list[bytes], workers: int) -> Run:
-    with tempfile.TemporaryDirectory() as workdir:
-        nodes = Cluster(Path(workdir))
-        nodes.start()
-        try:  # Redis CPU: all six nodes together (three masters, three replicas)
-            pids = tuple(process.pid for process in nodes.processes.values())
-            env = worker_env(nodes.url, **FAKE, **CLUSTER)
-            return run_jobs(env, images, redis_pids=pids, workers=workers)
-        finally:
-            nodes.stop()
 
 
 def main() -> int:
@@ -78,7 +63,7 @@ def main() -> int:
                 if target == "redis":
                     run = run_on_fresh_redis(images, FAKE, workers=workers)
                 else:
-                    run = on_cluster(images, workers)
+                    run = run_on_fresh_cluster(images, FAKE, shards=SHARDS, workers=workers)
                 row = row_of(run, images, workers)
                 row |= {"size": label, "kb": round(kb), "target": target}
                 rows.append(row)

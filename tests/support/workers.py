@@ -294,3 +294,28 @@ def run_on_fresh_redis(
             )
         finally:
             server.stop()
+
+
+def run_on_fresh_cluster(
+    images: Sequence[ImageInput],
+    extra_env: dict[str, str],
+    *,
+    shards: int = 12,
+    workers: int = 1,
+    args: tuple[str, ...] = (),
+    timeout_s: float = 1800,
+) -> Run:
+    """``run_jobs`` against a Redis Cluster of its own (three masters, a replica each), jobs in
+    ``shards`` shards; Redis CPU is every node's."""
+    from tests.support.redis_cluster import Cluster
+
+    with tempfile.TemporaryDirectory() as workdir:
+        nodes = Cluster(Path(workdir))
+        nodes.start()
+        try:
+            pids = tuple(process.pid for process in nodes.processes.values())
+            sharded = {"IMGWORKER_REDIS__CLUSTER": "true", "IMGWORKER_REDIS__SHARDS": str(shards)}
+            env = worker_env(nodes.url, **extra_env, **sharded)
+            return run_jobs(env, images, redis_pids=pids, workers=workers, args=args, timeout_s=timeout_s)
+        finally:
+            nodes.stop()
