@@ -17,6 +17,7 @@ python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
 if [ $test_material = 1 ]; then
   command -v dpkg-deb >/dev/null || missing+=(dpkg)
   command -v promtool >/dev/null || missing+=(prometheus)
+  command -v podman >/dev/null || missing+=(podman)  # podman-compose validates the compose files
 fi
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}"
