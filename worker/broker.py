@@ -7,9 +7,10 @@ Delivery guarantees:
   wrongly presumed dead), the second settle only acknowledges;
 - a worker's pending entries are reclaimed by others only once its lease key has expired
   (heartbeat, not idle time alone); a worker retries its own failed entries after a backoff;
-- attempts are charged fairly: an entry is charged when it fails, or when the worker that had
-  *started* it dies (entries it had only read are not); past ``max_deliveries`` charged attempts
-  the service dead-letters it.
+- attempts are charged fairly: an entry is charged when it fails, or when the worker running it
+  *alone* dies; a death with other entries running makes each a suspect, run alone next (entries
+  it had only read count nothing); past ``max_deliveries`` charged attempts the service
+  dead-letters it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 
 from redis.exceptions import RedisError, ResponseError
 
-from worker.connection import broker_error, connect, keys_for
+from worker.connection import broker_error, connect, keys_for, mapped
 from worker.protocol import (
     CHARGE_SCRIPT,
     FORGET_CONSUMER_SCRIPT,
@@ -78,10 +79,20 @@ class Broker:
 
     async def _call(self, what: str, coro: Any) -> Any:
         """Await a Redis call; failures become BrokerError (or ConfigError for refused credentials)."""
-        try:
+        with mapped(what, self.settings.url):
             return await coro
-        except RedisError as exc:
-            raise broker_error(what, exc, self.settings.url) from exc
+
+    async def _unless_group_lost(self, what: str, coro: Any) -> Any:
+        """Like ``_call``, but when Redis lost the stream or group (a restart without persistence)
+        the groups are made again and the answer is None."""
+        with mapped(what, self.settings.url):
+            try:
+                return await coro
+            except ResponseError as exc:
+                if not _group_lost(exc):
+                    raise
+        await self.ensure_groups()
+        return None
 
     async def ensure_groups(self) -> None:
         """Create the consumer group on every priority stream (from id 0: earlier jobs count too)."""
@@ -106,7 +117,7 @@ class Broker:
 
     async def _forget(self, stream: str, consumer: str) -> None:
         """Remove a consumer without a lease from a stream's group, unless entries are pending on it."""
-        keys = [stream, self.keys.started(stream, consumer)]
+        keys = [stream, self.keys.running(stream, consumer)]
         await self._call("forget consumer", self._forget_consumer(keys=keys, args=[self.settings.group, consumer]))
 
     async def read(self, count: int) -> list[Delivery]:
@@ -133,33 +144,21 @@ class Broker:
 
     async def _read_shard(self, shard: int, count: int) -> list[Delivery]:
         streams = self.keys.shard_streams(shard)
-        started = [self.keys.started(stream, self.consumer) for stream in streams]
-        try:
-            reply = await self._read(keys=[*streams, *started], args=[self.settings.group, self.consumer, count])
-        except ResponseError as exc:
-            if _group_lost(exc):
-                await self.ensure_groups()
-                return []
-            raise broker_error("read", exc, self.settings.url) from exc
-        except RedisError as exc:
-            raise broker_error("read", exc, self.settings.url) from exc
+        running = [self.keys.running(stream, self.consumer) for stream in streams]
+        reply = await self._unless_group_lost(
+            "read", self._read(keys=[*streams, *running], args=[self.settings.group, self.consumer, count])
+        )
         return [
             Delivery(_text(stream), _text(entry_id), dict(zip(fields[::2], fields[1::2], strict=True)), 1)
-            for stream, entries in reply
+            for stream, entries in reply or []
             for entry_id, fields in entries
             if fields
         ]
 
     async def _read_group(self, streams: dict[Any, Any], count: int, block_ms: int | None) -> list[Delivery]:
-        try:
-            reply = await self.redis.xreadgroup(self.settings.group, self.consumer, streams, count, block_ms)
-        except ResponseError as exc:
-            if _group_lost(exc):
-                await self.ensure_groups()
-                return []
-            raise broker_error("read", exc, self.settings.url) from exc
-        except RedisError as exc:
-            raise broker_error("read", exc, self.settings.url) from exc
+        reply = await self._unless_group_lost(
+            "read", self.redis.xreadgroup(self.settings.group, self.consumer, streams, count, block_ms)
+        )
         entries_by_stream: Any = reply or []  # RESP2: [[stream, [(entry id, fields), ...]], ...]
         return [
             Delivery(_text(stream), _text(entry_id), fields, 1)
@@ -174,18 +173,22 @@ class Broker:
             return list(await pipe.execute())
 
     async def mark(self, running: Sequence[Delivery] = (), waiting: Sequence[Delivery] = ()) -> None:
-        """Which entries this worker is running (charged to them if it dies) and which only wait.
+        """Which entries this worker is running (a death counts against them) and which only wait.
 
         An entry counts as running while it decodes and from the moment its batch takes a lane
-        until it is settled; decoded and queued for a lane, it waits: a death then charges nothing.
+        until it is settled; decoded and queued for a lane, it waits: a death then counts nothing.
+        A suspect runs alone (the service sees to it), so a death then charges it an attempt.
         (``read`` marks what it returns as running, atomically with the read.)
         """
 
         def queue(pipe: Any) -> None:
             for stream, ids in _by_stream(waiting).items():
-                pipe.srem(self.keys.started(stream, self.consumer), *ids)
-            for stream, ids in _by_stream(running).items():
-                pipe.sadd(self.keys.started(stream, self.consumer), *ids)
+                pipe.hdel(self.keys.running(stream, self.consumer), *ids)
+            how: dict[str, dict[str, str]] = defaultdict(dict)
+            for delivery in running:
+                how[delivery.stream][delivery.entry_id] = "alone" if delivery.suspect else "batched"
+            for stream, marks in how.items():
+                pipe.hset(self.keys.running(stream, self.consumer), mapping=marks)
 
         if running or waiting:
             await self._call("mark running", self._pipelined(queue))
@@ -198,7 +201,7 @@ class Broker:
                 attempts = self.keys.attempts(delivery.stream)
                 pipe.hincrby(attempts, delivery.entry_id, 1)
                 pipe.hset(attempts, f"{delivery.entry_id}:error", error[:1000])
-                pipe.srem(self.keys.started(delivery.stream, self.consumer), delivery.entry_id)
+                pipe.hdel(self.keys.running(delivery.stream, self.consumer), delivery.entry_id)
 
         if failed:
             await self._call("charge attempts", self._pipelined(queue))
@@ -219,16 +222,8 @@ class Broker:
         lease_ms = int(self.settings.lease_s * 1000)
         claimed: list[Delivery] = []
         for stream in self.keys.streams:
-            try:
-                consumers = await self.redis.xinfo_consumers(stream, self.settings.group)
-            except ResponseError as exc:
-                if _group_lost(exc):
-                    await self.ensure_groups()
-                    continue
-                raise broker_error("xinfo", exc, self.settings.url) from exc
-            except RedisError as exc:
-                raise broker_error("xinfo", exc, self.settings.url) from exc
-            for consumer in consumers:
+            consumers = await self._unless_group_lost("xinfo", self.redis.xinfo_consumers(stream, self.settings.group))
+            for consumer in consumers or []:
                 name = _text(consumer["name"])
                 if name == self.consumer:
                     min_idle_ms = int(self.settings.retry_backoff_s * 1000)
@@ -266,17 +261,17 @@ class Broker:
             await self._call("xack", self.redis.xack(stream, self.settings.group, *gone))
         if not live:
             return []
-        attempts = await self._call(
+        counts_by_entry = await self._call(
             "charge",
             self._charge(
-                keys=[self.keys.attempts(stream), self.keys.started(stream, owner)], args=[e for e, _ in live]
+                keys=[self.keys.attempts(stream), self.keys.running(stream, owner)], args=[e for e, _ in live]
             ),
         )
         if owner != self.consumer:
             logger.info("claimed %d entries of %s from %s", len(live), owner, stream)
         return [
-            Delivery(stream, entry, fields, counts[entry] + 1, int(tried))
-            for (entry, fields), tried in zip(live, attempts, strict=True)
+            Delivery(stream, entry, fields, counts[entry] + 1, int(attempts), int(deaths))
+            for (entry, fields), (attempts, deaths) in zip(live, counts_by_entry, strict=True)
         ]
 
     def _settle_call(self, settlements: Sequence[Settlement], dead: bool) -> tuple[list[str], list[Any]]:
@@ -290,7 +285,7 @@ class Broker:
                 self.keys.result(job_id, shard),
                 self.keys.done(job_id, shard),
                 self.keys.attempts(stream),
-                self.keys.started(stream, self.consumer),
+                self.keys.running(stream, self.consumer),
                 self.keys.dead_letter(shard),
             ]
             args += [s.delivery.entry_id, s.result.status]
@@ -300,6 +295,7 @@ class Broker:
                     "stream": stream,
                     "entry_id": s.delivery.entry_id,
                     "attempts": s.delivery.attempts,
+                    "deaths": s.delivery.deaths,
                     "deliveries": s.delivery.deliveries - 1,
                     "code": s.result.code,
                     "message": s.result.message,

@@ -25,13 +25,9 @@ from worker.graph import engine_output
 from worker.imaging import Prepared, assemble
 from worker.metrics import Metrics
 from worker.postprocess import text_boxes
-from worker.protocol import Delivery, JobRequest, JobResult, Settlement
+from worker.protocol import Delivery, JobRequest, JobResult, Settlement, now_ms
 
 logger = logging.getLogger(__name__)
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 @dataclass

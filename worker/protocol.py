@@ -8,6 +8,7 @@ optional raw tensor bytes.
 from __future__ import annotations
 
 import json
+import time
 import uuid
 import zlib
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ return false
 """
 
 #: Stores results and acknowledges, atomically, for a batch of jobs of one shard (one hash slot).
-#: KEYS, six per job: stream, result hash, done list, attempts hash, started set, dead-letter stream.
+#: KEYS, six per job: stream, result hash, done list, attempts hash, running hash, dead-letter stream.
 #: ARGV: result ttl, group, dead-letter maxlen, then per job: entry id, status, dead-letter field
 #: count d (0: not dead-lettered), d field/value pairs, result field count n, n field/value pairs.
 #: A result already stored is never overwritten (the second settle only acknowledges); the entry
@@ -62,15 +63,15 @@ for k = 1, #KEYS, 6 do
   end
   redis.call('XACK', KEYS[k], group, entry)
   redis.call('XDEL', KEYS[k], entry)
-  redis.call('HDEL', KEYS[k + 3], entry, entry .. ':error')
-  redis.call('SREM', KEYS[k + 4], entry)
+  redis.call('HDEL', KEYS[k + 3], entry, entry .. ':error', entry .. ':deaths')
+  redis.call('HDEL', KEYS[k + 4], entry)
   a = a + 2 * n
 end
 return written
 """
 
 #: Removes a consumer only while it has no pending entry (deleting one with pending entries would
-#: lose them); the caller checked that it holds no lease. KEYS: stream, the consumer's started set.
+#: lose them); the caller checked that it holds no lease. KEYS: stream, the consumer's running hash.
 #: ARGV: group, consumer.
 FORGET_CONSUMER_SCRIPT = """
 if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) > 0 then return 0 end
@@ -79,24 +80,32 @@ redis.call('DEL', KEYS[2])
 return 1
 """
 
-#: Charges the entries a dead consumer had started, then reports every entry's attempts.
-#: KEYS: attempts hash, the previous owner's started set. ARGV: entry ids. Entries the owner had
-#: only read (not started), or that were charged already when they failed, are not charged again.
+#: Records the death of the consumer that was running these entries, then reports each entry's
+#: attempts and deaths. KEYS: attempts hash, the previous owner's running hash. ARGV: entry ids.
+#: A death charges an attempt only to an entry the owner ran alone: an entry that died in company
+#: is a suspect (``:deaths``), not yet charged, and runs alone next. Entries the owner had only
+#: read, or that were charged already when they failed, are not counted again.
 CHARGE_SCRIPT = """
 local out = {}
 for i, id in ipairs(ARGV) do
-  if redis.call('SREM', KEYS[2], id) == 1 then
-    redis.call('HINCRBY', KEYS[1], id, 1)
-    redis.call('HSET', KEYS[1], id .. ':error', 'worker_died: the worker running it stopped without settling it')
+  local how = redis.call('HGET', KEYS[2], id)
+  if how then
+    redis.call('HDEL', KEYS[2], id)
+    redis.call('HINCRBY', KEYS[1], id .. ':deaths', 1)
+    if how == 'alone' then
+      redis.call('HINCRBY', KEYS[1], id, 1)
+      redis.call('HSET', KEYS[1], id .. ':error', 'worker_died: the worker running it alone stopped unsettled')
+    end
   end
-  out[i] = tonumber(redis.call('HGET', KEYS[1], id) or '0')
+  local attempts, deaths = redis.call('HGET', KEYS[1], id), redis.call('HGET', KEYS[1], id .. ':deaths')
+  out[i] = {tonumber(attempts or '0'), tonumber(deaths or '0')}
 end
 return out
 """
 
 
-#: Reads up to COUNT new entries strictly by priority and marks them started, in one round trip.
-#: KEYS: the streams, highest priority first, then this consumer's started set of each.
+#: Reads up to COUNT new entries strictly by priority and marks them running, in one round trip.
+#: KEYS: the streams, highest priority first, then this consumer's running hash of each.
 #: ARGV: group, consumer, count. Returns [[stream, [[entry id, [field, value, ...]], ...]], ...].
 READ_SCRIPT = """
 local out, left, n = {}, tonumber(ARGV[3]), #KEYS / 2
@@ -105,7 +114,7 @@ for i = 1, n do
   local reply = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', left, 'STREAMS', KEYS[i], '>')
   if reply then
     local entries = reply[1][2]
-    for _, entry in ipairs(entries) do redis.call('SADD', KEYS[n + i], entry[1]) end
+    for _, entry in ipairs(entries) do redis.call('HSET', KEYS[n + i], entry[1], 'batched') end
     left = left - #entries
     table.insert(out, {KEYS[i], entries})
   end
@@ -170,16 +179,23 @@ class Keys:
         return f"{self.prefix}:lease:{consumer}"
 
     def attempts(self, stream: str) -> str:
-        """Hash: entry id -> attempts that ended without a result (a failure, or its worker died),
-        and ``<entry id>:error`` -> why the last one ended."""
+        """Hash: entry id -> attempts that ended without a result (a failure, or the death of a
+        worker running it alone), ``<entry id>:deaths`` -> deaths of workers running it, and
+        ``<entry id>:error`` -> why the last attempt ended."""
         return f"{stream}:attempts"
 
-    def started(self, stream: str, consumer: str) -> str:
-        """Set: the entries a consumer is running and has not settled; charged if it dies."""
-        return f"{stream}:started:{consumer}"
+    def running(self, stream: str, consumer: str) -> str:
+        """Hash: entry id -> ``batched`` or ``alone``, for the entries a consumer is running and has
+        not settled; should it die, each is counted as a death, charged only to one run alone."""
+        return f"{stream}:running:{consumer}"
 
     def priority_of(self, stream: str) -> int:
         return int(stream.rsplit(":", 1)[1])
+
+
+def now_ms() -> int:
+    """Unix time in milliseconds: the clock of ``enqueued_ms``, ``deadline_ms`` and ``finished_ms``."""
+    return int(time.time() * 1000)
 
 
 def new_job_id() -> str:
@@ -206,8 +222,15 @@ class Delivery:
     fields: dict[bytes, bytes]
     #: times Redis handed the entry to a consumer (reads and claims)
     deliveries: int
-    #: earlier attempts that ended without a result: failures, or the death of the worker running it
+    #: earlier attempts that ended without a result: failures, or the death of a worker running it alone
     attempts: int = 0
+    #: deaths of workers running it, alone or along with other jobs
+    deaths: int = 0
+
+    @property
+    def suspect(self) -> bool:
+        """A worker died running it: it runs alone until it settles, so a death blames it alone."""
+        return self.deaths > 0
 
     @property
     def key(self) -> str:

@@ -25,7 +25,7 @@ from worker.executor import BucketExecutor, Inferred, Job, Retry
 from worker.imaging import ByteBudget, Limits, Prepared, prepare
 from worker.inflight import Inflight
 from worker.metrics import Metrics
-from worker.protocol import PRIORITIES, Delivery, JobRequest, JobResult, Settlement, valid_job_id
+from worker.protocol import PRIORITIES, Delivery, JobRequest, JobResult, Settlement, now_ms, valid_job_id
 from worker.settings import Settings
 from worker.settler import BROKER_RETRY_S, Settler
 
@@ -40,10 +40,6 @@ T = TypeVar("T")
 
 class _Finished(Exception):  # noqa: N818 - a signal, not an error
     """Ends the service's TaskGroup once draining is over (the idiom for cancelling its other tasks)."""
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class Service:
@@ -76,7 +72,7 @@ class Service:
         metrics.decode_budget_used.set_function(lambda: self._budget.used)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._group: asyncio.TaskGroup
-        #: entries the watchdog found held past stall_s: charged an attempt on the way out
+        #: entries the watchdog found held past stall_s: left marked running, as if this worker died
         self._stuck: list[Delivery] = []
         #: decoded entries queued for a lane, to be marked waiting with the next batch's marking
         self._waiting: list[Delivery] = []
@@ -215,17 +211,21 @@ class Service:
         return [t for t in self._tasks if t.get_name().startswith("admit")]
 
     async def _leave_the_rest(self) -> None:
-        """Entries still held go back: charged if they wedged the pipeline, left uncharged otherwise."""
+        """Entries still held go back uncharged, except what wedged the pipeline.
+
+        A wedge counts as a death: stuck entries stay marked running, so whoever reclaims them
+        makes them suspects that run alone; a suspect that wedged it alone is charged here.
+        """
         for task in list(self._tasks):
             task.cancel()
         stuck_keys = {d.key for d in self._stuck}
         held = [d for d in self.inflight.deliveries() if d.key not in stuck_keys]
-        if self._stuck:
+        if culprits := [d for d in self._stuck if d.suspect]:
             stall = StalledError(f"held over stall_s {self.settings.pipeline.stall_s:.0f} s: the pipeline wedged")
             try:
-                await asyncio.wait_for(self.settler.retry_later([(d, stall) for d in self._stuck]), EXIT_MARGIN_S)
+                await asyncio.wait_for(self.settler.retry_later([(d, stall) for d in culprits]), EXIT_MARGIN_S)
             except TimeoutError:
-                logger.warning("could not charge the %d stuck jobs: redis does not answer", len(self._stuck))
+                logger.warning("could not charge the job that wedged the pipeline: redis does not answer")
         if held:
             await self.settler.leave(held)
         try:
@@ -269,7 +269,7 @@ class Service:
             self.metrics.ready.set(1 if self.ready() else 0)
             if stuck := self.inflight.held_longer_than(stall_s):
                 logger.error(
-                    "pipeline wedged: %d jobs held over stall_s %.0f s; exiting, they are charged an attempt",
+                    "pipeline wedged: %d jobs held over stall_s %.0f s; exiting, they will run alone elsewhere",
                     len(stuck),
                     stall_s,
                 )
@@ -311,33 +311,37 @@ class Service:
                 await self._pause(BROKER_RETRY_S)
 
     async def _admit_all(self, deliveries: list[Delivery]) -> None:
-        """Most entries start at once. A suspect, on the last attempt it has left, runs alone.
+        """Most entries start at once; a suspect runs alone; a job out of attempts is dead-lettered.
 
-        A worker that dies charges an attempt to every job it had started. Charged jobs run
-        normally while they have attempts to spare, so a restart costs little; on its last attempt a
-        job runs with nothing else in the pipeline, so if it is the one that kills workers (a
-        decoder crash, say) it is dead-lettered and no innocent job is charged along with it.
+        A worker that dies running several jobs cannot tell which one killed it, so it charges
+        none of them: each becomes a suspect and runs alone, with nothing else in the pipeline. A
+        death then is charged to that job only, so a job that kills workers (a decoder crash,
+        say) is dead-lettered after ``max_deliveries`` deaths of its own, and an innocent job
+        caught in crashes (OOM kills, node loss) is never charged for its neighbours.
         """
-        last_try = max(self.settings.redis.max_deliveries - 1, 1)
-        ordinary = [d for d in deliveries if d.attempts < last_try]
+        ordinary: list[Delivery] = []
+        suspects: list[Delivery] = []
+        for delivery in deliveries:
+            if delivery.attempts >= self.settings.redis.max_deliveries:
+                self.inflight.hold(delivery)
+                self._spawn(f"dead {delivery.key}", self._dead_letter(delivery))
+            else:
+                (suspects if delivery.suspect else ordinary).append(delivery)
         for delivery in ordinary:
             self.inflight.hold(delivery)
         await self.broker.mark(running=[d for d in ordinary if d.deliveries > 1])  # reclaimed: not marked yet
         self._admit_chunks(ordinary)
-        for suspect in (d for d in deliveries if d.attempts >= last_try):
-            if self._stopping.is_set():  # not started: claimable by others, nothing charged
+        for suspect in suspects:
+            if self._stopping.is_set():  # not started: claimable by others, nothing counted
                 return
             self.inflight.hold(suspect)
-            if suspect.attempts >= self.settings.redis.max_deliveries:
-                self._spawn(f"dead {suspect.key}", self._dead_letter(suspect))
-                continue
             await self.inflight.wait(lambda: len(self.inflight) == 1 or self._stopping.is_set())
             if self._stopping.is_set():
                 await self.settler.leave([suspect])
                 return
             await self.broker.mark(running=[suspect])
             self._admit_chunks([suspect])
-            await self.inflight.wait(lambda: len(self.inflight) == 0)
+            await self.inflight.wait(lambda: len(self.inflight) == 0 or self._stopping.is_set())
 
     async def _dead_letter(self, delivery: Delivery) -> None:
         job_id = valid_job_id(delivery.fields.get(b"id")) or delivery.entry_id

@@ -24,7 +24,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
@@ -38,7 +38,6 @@ from worker.settings import Settings
 
 logger = logging.getLogger(__name__)
 PORT_LINE = re.compile(r"metrics and health on http://[^:]+:(\d+)/metrics")
-SERVER_LINE = re.compile(r"engine server on ")
 POLL_S = 0.5
 RESTART_BACKOFF_S = (1, 2, 5, 10, 30)
 
@@ -53,15 +52,12 @@ class Child:
     role: str  # "worker" | "engine"
     process: subprocess.Popen[str] | None = None
     port: int | None = None
-    ready_line_seen: bool = False
     restarts: int = 0
     next_start: float = 0.0
     finished: bool = False
-    lines: list[str] = field(default_factory=list)
 
     def start(self) -> None:
         self.port = None
-        self.ready_line_seen = False
         self.process = subprocess.Popen(
             self.argv, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
@@ -73,8 +69,6 @@ class Child:
             sys.stderr.write(f"[{self.name}] {line}")
             if self.port is None and (match := PORT_LINE.search(line)):
                 self.port = int(match.group(1))
-            if SERVER_LINE.search(line):
-                self.ready_line_seen = True
         process.stdout.close()
 
     def alive(self) -> bool:

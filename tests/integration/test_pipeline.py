@@ -123,22 +123,33 @@ async def test_a_lost_device_stops_the_worker_and_leaves_its_jobs(
 
 
 async def test_a_hung_batch_is_detected_and_the_worker_exits(redis_url: str, spec: ModelSpec, onnx_path: Path) -> None:
+    """A wedge counts as a death: the stuck job, uncharged, runs alone on the next worker; wedging
+    that one too, alone, it is charged an attempt (``stalled``)."""
     settings = settings_for(redis_url, pipeline={"stall_s": 2})
-    backend = _faulty(settings, spec, onnx_path, "hang")
-    started = time.monotonic()
-    try:
-        async with serving(settings, spec, backend) as running, AsyncClient(redis_url) as client:
-            await client.submit(POISON)
-            code = await asyncio.wait_for(running.task, 30)
-            waited = time.monotonic() - started
-            assert code == 1 and running.service.wedged and not running.service.ready()
-            assert not running.service.lanes_idle()  # the hung batch still holds its lane: never closed under it
-    finally:
-        backend.release.set()  # else the hung thread would hold the interpreter at exit
-    assert 2 <= waited < 10, f"wedge detected after {waited:.1f} s with stall_s 2"
     sync = redis.Redis.from_url(redis_url)
-    charged = sync.hgetall(KEYS.attempts(KEYS.stream(1)))
-    assert list(charged.values())[:1] == [b"1"] and b"stalled" in b"".join(charged.values())
+    backends = [_faulty(settings, spec, onnx_path, "hang") for _ in range(2)]
+    try:
+        for wedge, backend in enumerate(backends):
+            started = time.monotonic()
+            async with serving(settings, spec, backend) as running, AsyncClient(redis_url) as client:
+                if wedge == 0:
+                    await client.submit(POISON)
+                code = await asyncio.wait_for(running.task, 30)
+                waited = time.monotonic() - started
+                assert code == 1 and running.service.wedged and not running.service.ready()
+                assert not running.service.lanes_idle()  # the hung batch still holds its lane: never closed under it
+            assert 2 <= waited < 10, f"wedge detected after {waited:.1f} s with stall_s 2"
+            attempts = sync.hgetall(KEYS.attempts(KEYS.stream(1)))
+            marked = sync.hgetall(KEYS.running(KEYS.stream(1), running.service.broker.consumer))
+            if wedge == 0:  # in a batch (of one, but not run as a suspect): a death, charged to nobody yet
+                assert not attempts and list(marked.values()) == [b"batched"], (attempts, marked)
+            else:  # run alone: charged, with the reason
+                entry = sync.xrange(KEYS.stream(1))[0][0]
+                assert not marked and attempts[entry] == b"1" and attempts[entry + b":deaths"] == b"1", attempts
+                assert attempts[entry + b":error"].startswith(b"stalled"), attempts
+    finally:
+        for backend in backends:
+            backend.release.set()  # else the hung threads would hold the interpreter at exit
 
 
 async def test_malformed_entries_get_one_error_each_and_never_wedge(redis_url: str, photos: list[Path]) -> None:
@@ -216,35 +227,39 @@ async def test_read_ahead_stays_within_the_window(redis_url: str, photos: list[P
     assert window == expected and 0 < peak <= window
 
 
-@pytest.mark.parametrize("max_deliveries", [2, 3])
-async def test_a_dead_workers_started_jobs_are_charged_and_on_their_last_try_run_alone(
+@pytest.mark.parametrize("max_deliveries", [1, 3])
+async def test_a_dead_worker_charges_only_the_job_it_ran_alone_and_its_suspects_run_alone(
     redis_url: str, photos: list[Path], max_deliveries: int
 ) -> None:
-    """A consumer died holding 10 entries, 4 of them started: only those 4 are charged. With one
-    attempt left (max_deliveries 2) they run alone, one at a time; with more they run as usual."""
+    """A consumer died holding 10 entries: 4 running in a batch, 1 running alone, 5 only read. The
+    4 become suspects, uncharged, and run one at a time; the one run alone is charged an attempt
+    (dead-lettered when that was its last); the 5 run as usual, in batches."""
     raw = redis.Redis.from_url(redis_url)
     async with AsyncClient(redis_url) as client:
         ids = await client.submit_many([photos[0]] * 10)  # one shape: they can share batches
     stream = KEYS.stream(1)
     raw.xgroup_create(stream, "workers", id="0", mkstream=True)
     entries = raw.xreadgroup("workers", "dead-worker", {stream: ">"}, count=10)[0][1]
-    started = [e[0].decode() for e in entries[:4]]
-    raw.sadd(KEYS.started(stream, "dead-worker"), *started)
+    batched, alone = [e[0].decode() for e in entries[:4]], entries[4][0].decode()
+    raw.hset(KEYS.running(stream, "dead-worker"), mapping={**dict.fromkeys(batched, "batched"), alone: "alone"})
     time.sleep(1.1)  # idle past half the 2 s lease, which the dead worker never held
     settings = settings_for(redis_url, redis={"max_deliveries": max_deliveries})
     async with serving(settings) as running, AsyncClient(redis_url) as client:
         results = await client.wait_many(ids, timeout_s=60)
         await running.stop()
     by_entry = {e[0].decode(): results[e[1][b"id"].decode()] for e in entries}
-    alone = [by_entry[e].result["batch_size"] == 1 for e in started]
-    for entry, result in by_entry.items():
-        assert result.status == "ok"
-        assert result.result["attempts"] == (2 if entry in started else 1), entry
-    if max_deliveries == 2:
-        assert all(alone), "on their last attempt, charged jobs run alone"
+    for entry in batched:
+        assert by_entry[entry].status == "ok" and by_entry[entry].result["attempts"] == 1, entry
+        assert by_entry[entry].result["batch_size"] == 1, "a suspect runs alone"
+    if max_deliveries == 1:
+        assert by_entry[alone].code == "max_deliveries" and "worker_died" in by_entry[alone].message
     else:
-        assert max(by_entry[e].result["batch_size"] for e in started) > 1, "with attempts to spare they batch"
-    assert not raw.hgetall(KEYS.attempts(stream)) and not raw.exists(KEYS.started(stream, "dead-worker"))
+        assert by_entry[alone].status == "ok" and by_entry[alone].result["attempts"] == 2
+        assert by_entry[alone].result["batch_size"] == 1
+    read_only = [e[0].decode() for e in entries[5:]]
+    assert all(by_entry[e].status == "ok" and by_entry[e].result["attempts"] == 1 for e in read_only)
+    assert max(by_entry[e].result["batch_size"] for e in read_only) > 1, "jobs never running in a death batch"
+    assert not raw.hgetall(KEYS.attempts(stream)) and not raw.exists(KEYS.running(stream, "dead-worker"))
 
 
 async def test_a_stop_during_warm_up_ends_within_the_grace_period(redis_url: str) -> None:

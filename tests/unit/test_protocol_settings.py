@@ -80,7 +80,7 @@ def test_sharded_keys_keep_every_key_of_a_job_in_its_shards_hash_slot() -> None:
 def test_keys_share_one_prefix() -> None:
     keys = Keys("p")
     assert keys.attempts(keys.stream(1)) == "p:jobs:1:attempts"
-    assert keys.started(keys.stream(1), "w") == "p:jobs:1:started:w"
+    assert keys.running(keys.stream(1), "w") == "p:jobs:1:running:w"
     assert keys.streams == ("p:jobs:0", "p:jobs:1", "p:jobs:2")
     assert keys.priority_of(keys.stream(2)) == 2
     assert keys.job_id_of_done(keys.done("abc").encode()) == "abc"
