@@ -257,6 +257,7 @@ class AsyncClient:
                         break
                     popped = await self._pop_done(pending, min(left or 1.0, 1.0))
                     if popped:
+                        popped += await self._drain_done([j for j in pending[:WAIT_KEYS_PER_CALL] if j not in popped])
                         await self._collect(popped, results, on_result)
                     else:
                         check_all = True
@@ -286,6 +287,15 @@ class AsyncClient:
             )
         )
         return [self.keys.job_id_of_done(reply[0]) for reply in replies if reply]
+
+    async def _drain_done(self, job_ids: list[str]) -> list[str]:
+        """Of these, the jobs notified meanwhile, in one round trip: under load one wake-up collects
+        every result that arrived, so a waiter's cost per result does not grow with the window."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.lpop(self.keys.done(job_id))
+            notified = await pipe.execute()
+        return [job_id for job_id, status in zip(job_ids, notified, strict=True) if status is not None]
 
     async def _collect(
         self, job_ids: list[str], into: dict[str, JobResult], on_result: Callable[[str, JobResult], None] | None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from tests.support.faulty import POISON_BGR
 from tests.support.redis_server import RedisServer
 from tests.support.workers import WorkerProcess, worker_env
 from worker.client import Client
-from worker.protocol import Keys
+from worker.protocol import JobResult, Keys
 
 pytestmark = pytest.mark.slow
 KEYS = Keys()
@@ -181,3 +182,31 @@ def test_high_priority_jobs_overtake_a_low_priority_backlog(
     # Enqueued last, read first: no low job is read while high ones wait, so even the last high
     # job waited less than the sixth low one (reading all streams alike would interleave them).
     assert max(queue_ms[j] for j in high) < sorted(queue_ms[j] for j in low)[5]
+
+
+def test_a_waiter_collects_bursts_of_results_with_few_blocking_calls(redis_url: str, redis_client: redis.Redis) -> None:
+    """Results stored in bursts while ``gather`` waits: one wake-up collects every notification of its
+    window, so a waiter's calls (and redis-server's work for them) do not grow with the results."""
+    ids = [f"burst-{i}" for i in range(1200)]
+
+    def produce() -> None:
+        time.sleep(0.3)  # the waiter is blocked by then
+        for start in range(0, len(ids), 100):
+            pipe = redis_client.pipeline(transaction=False)
+            for job_id in ids[start : start + 100]:
+                fields = JobResult(job_id=job_id, status="ok").encode()
+                pipe.hset(KEYS.result(job_id), items=[x for kv in fields.items() for x in kv])
+                pipe.rpush(KEYS.done(job_id), "ok")
+            pipe.execute()
+            time.sleep(0.02)
+
+    redis_client.config_resetstat()
+    producer = threading.Thread(target=produce)
+    producer.start()
+    with Client(redis_url) as client:
+        results = client.gather(ids, timeout_s=60)
+    producer.join()
+    blocking_calls = redis_client.info("commandstats").get("cmdstat_blpop", {}).get("calls", 0)
+    assert len(results) == len(ids) and {r.status for r in results.values()} == {"ok"}
+    assert not any(redis_client.exists(KEYS.done(j)) for j in ids), "every notification consumed"
+    assert 1 <= blocking_calls <= len(ids) // 10, f"{blocking_calls} BLPOPs for {len(ids)} results"
