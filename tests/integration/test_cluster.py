@@ -56,13 +56,18 @@ def test_jobs_spread_over_the_masters_and_a_killed_worker_loses_none(cluster: Cl
         with WorkerProcess(env) as first, WorkerProcess(env) as second:
             first.wait_ready()
             second.wait_ready()
-            time.sleep(1.0)
             consumer = next(line for line in first.lines if " consumer " in line).split(" consumer ")[1].split(",")[0]
             nodes = redis.RedisCluster.from_url(cluster.url)
-            orphaned = sum(
-                len(nodes.xpending_range(stream, "workers", "-", "+", 1000, consumername=consumer))
-                for stream in [f"imgworker:{{{s}}}:jobs:1" for s in range(SHARDS)]
-            )
+
+            def held_by_first() -> int:
+                return sum(
+                    len(nodes.xpending_range(stream, "workers", "-", "+", 1000, consumername=consumer))
+                    for stream in [f"imgworker:{{{s}}}:jobs:1" for s in range(SHARDS)]
+                )
+
+            deadline = time.monotonic() + 10
+            while (orphaned := held_by_first()) == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)  # the first worker has read nothing yet (a busy machine)
             first.process.send_signal(signal.SIGKILL)
             results = client.wait_many(ids, timeout_s=120)
             nodes.close()
