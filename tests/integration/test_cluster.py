@@ -56,19 +56,22 @@ def test_jobs_spread_over_the_masters_and_a_killed_worker_loses_none(cluster: Cl
         with WorkerProcess(env) as first, WorkerProcess(env) as second:
             first.wait_ready()
             second.wait_ready()
-            consumer = next(line for line in first.lines if " consumer " in line).split(" consumer ")[1].split(",")[0]
             nodes = redis.RedisCluster.from_url(cluster.url)
 
-            def held_by_first() -> int:
+            def held_by(worker: WorkerProcess) -> int:
+                consumer = next(line for line in worker.lines if " consumer " in line).split(" consumer ")[1]
                 return sum(
-                    len(nodes.xpending_range(stream, "workers", "-", "+", 1000, consumername=consumer))
+                    len(nodes.xpending_range(stream, "workers", "-", "+", 1000, consumername=consumer.split(",")[0]))
                     for stream in [f"imgworker:{{{s}}}:jobs:1" for s in range(SHARDS)]
                 )
 
+            # whichever worker read first may hold every job: kill the one holding jobs
             deadline = time.monotonic() + 10
-            while (orphaned := held_by_first()) == 0 and time.monotonic() < deadline:
-                time.sleep(0.05)  # the first worker has read nothing yet (a busy machine)
-            first.process.send_signal(signal.SIGKILL)
+            while max(orphaned := held_by(first), held_by(second)) == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            victim = first if orphaned else second
+            orphaned = orphaned or held_by(second)
+            victim.process.send_signal(signal.SIGKILL)
             results = client.wait_many(ids, timeout_s=120)
             nodes.close()
     statuses = {r.status for r in results.values()}
