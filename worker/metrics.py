@@ -46,6 +46,11 @@ class Metrics:
         self.redeliveries = Counter(
             f"{PREFIX}_redeliveries", "Entries claimed again after a lease expired or for a retry", registry=r
         )
+        self.isolated_runs = Counter(
+            f"{PREFIX}_isolated_runs",
+            "Jobs run alone because a worker died running them: how the job that kills workers is found",
+            registry=r,
+        )
         self.retries = Counter(
             f"{PREFIX}_retries", "Jobs left pending after a transient failure, to be retried", ["code"], registry=r
         )

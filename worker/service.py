@@ -340,6 +340,7 @@ class Service:
                 await self.settler.leave([suspect])
                 return
             await self.broker.mark(running=[suspect])
+            self.metrics.isolated_runs.inc()
             self._admit_chunks([suspect])
             await self.inflight.wait(lambda: len(self.inflight) == 0 or self._stopping.is_set())
 

@@ -256,6 +256,8 @@ async def test_a_dead_worker_charges_only_the_job_it_ran_alone_and_its_suspects_
     else:
         assert by_entry[alone].status == "ok" and by_entry[alone].result["attempts"] == 2
         assert by_entry[alone].result["batch_size"] == 1
+    isolated = running.metrics.registry.get_sample_value("imgworker_isolated_runs_total")
+    assert isolated == (4 if max_deliveries == 1 else 5), isolated  # out of attempts: dead-lettered, not run
     read_only = [e[0].decode() for e in entries[5:]]
     assert all(by_entry[e].status == "ok" and by_entry[e].result["attempts"] == 1 for e in read_only)
     assert max(by_entry[e].result["batch_size"] for e in read_only) > 1, "jobs never running in a death batch"
