@@ -21,9 +21,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
-from worker.connection import broker_error, connect, keys_for, mapped
+from worker.connection import connect, keys_for, mapped
 from worker.protocol import (
     CHARGE_SCRIPT,
     FORGET_CONSUMER_SCRIPT,
@@ -97,13 +97,12 @@ class Broker:
     async def ensure_groups(self) -> None:
         """Create the consumer group on every priority stream (from id 0: earlier jobs count too)."""
         for stream in self.keys.streams:
-            try:
-                await self.redis.xgroup_create(stream, self.settings.group, id="0", mkstream=True)
-            except ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise broker_error(f"group creation on {stream}", exc, self.settings.url) from exc
-            except RedisError as exc:
-                raise broker_error(f"group creation on {stream}", exc, self.settings.url) from exc
+            with mapped(f"group creation on {stream}", self.settings.url):
+                try:
+                    await self.redis.xgroup_create(stream, self.settings.group, id="0", mkstream=True)
+                except ResponseError as exc:
+                    if "BUSYGROUP" not in str(exc):
+                        raise
 
     async def heartbeat(self) -> None:
         lease_ms = int(self.settings.lease_s * 1000)
@@ -328,12 +327,11 @@ class Broker:
         totals = {p: GroupStats(0, 0, 0) for p in PRIORITIES}
         for stream in self.keys.streams:
             length = await self._call("xlen", self.redis.xlen(stream))
-            try:
-                groups = await self.redis.xinfo_groups(stream)
-            except ResponseError:
-                groups = []
-            except RedisError as exc:
-                raise broker_error("xinfo", exc, self.settings.url) from exc
+            with mapped("xinfo", self.settings.url):
+                try:
+                    groups = await self.redis.xinfo_groups(stream)
+                except ResponseError:
+                    groups = []
             group = next((g for g in groups if _text(g["name"]) == self.settings.group), None)
             lag = group.get("lag") if group else length
             pending = group["pending"] if group else 0

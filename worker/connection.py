@@ -16,7 +16,13 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import AuthenticationError, AuthorizationError, NoPermissionError, RedisError
+from redis.exceptions import (
+    AuthenticationError,
+    AuthorizationError,
+    NoPermissionError,
+    RedisClusterException,
+    RedisError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -74,7 +80,12 @@ def keys_for(settings: RedisSettings) -> Keys:
     return Keys(settings.prefix, settings.shards, tagged=settings.cluster or settings.shards > 1)
 
 
-def broker_error(what: str, exc: RedisError, url: str) -> Exception:
+#: what redis-py raises; its cluster client's "no reachable node" and "slot not covered" (raised
+#: while a master fails over) are not RedisErrors
+REDIS_ERRORS = (RedisError, RedisClusterException)
+
+
+def broker_error(what: str, exc: RedisError | RedisClusterException, url: str) -> Exception:
     """The project's error for a redis-py one: ConfigError when credentials are refused."""
     detail = str(exc).replace(url, redact(url)) if url else str(exc)
     if isinstance(exc, _FATAL):
@@ -89,5 +100,5 @@ def mapped(what: str, url: str = "") -> Iterator[None]:
     """Translate redis-py exceptions raised inside the block (see ``broker_error``)."""
     try:
         yield
-    except RedisError as exc:
+    except REDIS_ERRORS as exc:
         raise broker_error(what, exc, url) from exc
