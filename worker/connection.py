@@ -80,11 +80,6 @@ def keys_for(settings: RedisSettings) -> Keys:
     return Keys(settings.prefix, settings.shards, tagged=settings.cluster or settings.shards > 1)
 
 
-#: what redis-py raises; its cluster client's "no reachable node" and "slot not covered" (raised
-#: while a master fails over) are not RedisErrors
-REDIS_ERRORS = (RedisError, RedisClusterException)
-
-
 def broker_error(what: str, exc: RedisError | RedisClusterException, url: str) -> Exception:
     """The project's error for a redis-py one: ConfigError when credentials are refused."""
     detail = str(exc).replace(url, redact(url)) if url else str(exc)
@@ -100,5 +95,7 @@ def mapped(what: str, url: str = "") -> Iterator[None]:
     """Translate redis-py exceptions raised inside the block (see ``broker_error``)."""
     try:
         yield
-    except REDIS_ERRORS as exc:
+    # the cluster client's "no reachable node" and "slot not covered" (while a master fails over)
+    # are not RedisErrors
+    except (RedisError, RedisClusterException) as exc:
         raise broker_error(what, exc, url) from exc

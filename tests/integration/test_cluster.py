@@ -62,9 +62,8 @@ def test_jobs_spread_over_the_masters_and_a_killed_worker_loses_none(cluster: Cl
             nodes = redis.RedisCluster.from_url(cluster.url)
 
             def held_by(worker: WorkerProcess) -> int:
-                consumer = next(line for line in worker.lines if " consumer " in line).split(" consumer ")[1]
                 return sum(
-                    len(nodes.xpending_range(stream, "workers", "-", "+", 1000, consumername=consumer.split(",")[0]))
+                    len(nodes.xpending_range(stream, "workers", "-", "+", 1000, consumername=worker.consumer))
                     for stream in [f"imgworker:{{{s}}}:jobs:1" for s in range(SHARDS)]
                 )
 

@@ -56,8 +56,7 @@ def _wait_for(predicate: Any, timeout_s: float, what: str) -> None:
 
 def _consumer(worker: WorkerProcess) -> str:
     _wait_for(lambda: " consumer " in worker.log, 30, "the worker's consumer name")
-    line = next(line for line in worker.lines if " consumer " in line)
-    return line.split(" consumer ")[1].split(",")[0]
+    return worker.consumer
 
 
 def _settled(client: redis.Redis) -> bool:

@@ -36,23 +36,16 @@ def _tool(name: str) -> str:
     return path
 
 
+def _promtool(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [_tool("promtool"), *args], cwd=CONFIG / "prometheus", capture_output=True, text=True, check=False
+    )
+
+
 def test_alert_rules_pass_promtool_check_and_their_unit_tests() -> None:
-    promtool = _tool("promtool")
-    checked = subprocess.run(
-        [promtool, "check", "rules", "alerts.yml"],
-        cwd=CONFIG / "prometheus",
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    checked = _promtool("check", "rules", "alerts.yml")
     assert checked.returncode == 0 and "SUCCESS: 4 rules found" in checked.stdout, checked.stdout + checked.stderr
-    tested = subprocess.run(
-        [promtool, "test", "rules", "alerts_test.yml"],
-        cwd=CONFIG / "prometheus",
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    tested = _promtool("test", "rules", "alerts_test.yml")
     assert tested.returncode == 0 and "SUCCESS" in tested.stdout, tested.stdout + tested.stderr
 
 

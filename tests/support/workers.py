@@ -57,6 +57,12 @@ class WorkerProcess:
     def log(self) -> str:
         return "".join(self.lines)
 
+    @property
+    def consumer(self) -> str:
+        """The consumer name the worker logged at start: its pending entries are held under it."""
+        line = next(line for line in self.lines if " consumer " in line)
+        return line.split(" consumer ")[1].split(",")[0]
+
     def get(self, path: str) -> tuple[int, str]:
         assert self.port is not None, self.log
         try:
