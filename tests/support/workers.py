@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -20,6 +21,7 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.redis_server import RedisServer
+from worker.broker import Broker
 from worker.client import Client, ImageInput
 from worker.protocol import JobResult
 from worker.settings import RedisSettings
@@ -220,6 +222,22 @@ class CpuSampler:
         return float(np.interp(wall, times, [c for _, c in self.samples]))
 
 
+def wait_until_settled(settings: RedisSettings, deadline: float) -> None:
+    """Poll until no job is left in the streams (settled entries are deleted), or the deadline
+    (monotonic) passes. Results are collected after: a client collecting them as they come would
+    take CPU from the workers being measured (about a core at several thousand results/s)."""
+
+    async def poll() -> None:
+        broker = Broker(settings)
+        try:
+            while await broker.backlog() and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+        finally:
+            await broker.aclose()
+
+    asyncio.run(poll())
+
+
 def run_jobs(
     env: dict[str, str],
     images: Sequence[ImageInput],
@@ -231,12 +249,12 @@ def run_jobs(
     args: tuple[str, ...] = (),
 ) -> Run:
     """Submit every image, then start ``workers`` worker processes (each ``run`` with ``args``), wait
-    for all results, SIGTERM them.
+    until every job is settled, collect the results, SIGTERM the workers.
 
     The whole backlog is in Redis before a worker starts, so the workers, not the client's
     submission rate, set the pace; the steady window comes from the workers' own completion times
-    (each result's enqueue time plus its end-to-end time), so neither the workers' start-up nor a
-    client slower at collecting results than the workers are at producing them distorts the figure.
+    (each result's enqueue time plus its end-to-end time), so the workers' start-up does not
+    distort the figure, and results are collected only once the workers are done.
     """
     env = {**env, "IMGWORKER_REDIS__PREFIX": prefix}
     redis_cpu = CpuSampler(list(redis_pids)) if redis_pids else None
@@ -249,7 +267,9 @@ def run_jobs(
             worker_cpu = CpuSampler([w.process.pid for w in processes])
             for worker in processes:
                 worker.wait_ready(900)
-            results = client.gather(ids, timeout_s=timeout_s)
+            deadline = time.monotonic() + timeout_s
+            wait_until_settled(client_settings(env), deadline)
+            results = client.gather(ids, timeout_s=max(deadline - time.monotonic(), 1.0))
             worker_cpu.stop()
             if redis_cpu:
                 redis_cpu.stop()
