@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 from worker.backends.onnxruntime import OnnxRuntimeBackend
+from worker.backends.remote import EngineServer, RemoteBackend
 from worker.buckets import BucketSpec, ModelSpec
 from worker.errors import ShapeOutOfProfileError
 from worker.graph import engine_output
@@ -104,6 +106,31 @@ def test_lanes_running_concurrently_match_serial_runs(
     for thread in threads:
         thread.join()
     assert not errors and not mismatches, (errors, mismatches)
+
+
+def test_engine_server_copies_straight_from_and_into_pinned_worker_memory(
+    trt_backend: Any, small_spec: ModelSpec, onnx_path: Path, photos: list[Path], tmp_path: Path
+) -> None:
+    """A worker's shared memory, pinned by the server, gives the very maps the lane's own buffers do."""
+    output = engine_output(small_spec)
+    server = EngineServer(trt_backend, small_spec, tmp_path / "engine.sock")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    remote_settings = {"address": str(tmp_path / "engine.sock"), "connect_timeout_s": 30}
+    settings = BackendSettings(kind="remote", remote=remote_settings)
+    try:
+        with RemoteBackend(small_spec, onnx_path, settings) as remote:
+            for bucket, batch in _batches(small_spec, photos):
+                lane = remote.lanes(bucket.id)[0]
+                assert lane.pinned, "the server could not pin the worker's shared memory"
+                np.testing.assert_array_equal(
+                    _run(lane, batch, output), _run(trt_backend.lanes(bucket.id)[0], batch, output)
+                )
+    finally:
+        server.close()
+    deadline = time.monotonic() + 10
+    while server.attached and time.monotonic() < deadline:  # detached lanes unpin their memory
+        time.sleep(0.05)
+    assert server.attached == 0 and trt_backend.healthy
 
 
 def test_out_of_profile_shapes_are_refused_before_tensorrt(trt_backend: Any, small_spec: ModelSpec) -> None:

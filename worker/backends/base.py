@@ -32,6 +32,35 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
+class HostBlock:
+    """Host memory another process fills and reads (a worker's shared-memory block): the batch's
+    pixels first, then each output at its offset. A backend may pin it (``Backend.pin``), so the
+    device copies to and from it directly instead of through the lane's own buffers."""
+
+    def __init__(self, buffer: memoryview, channels: int, outputs: dict[str, tuple[np.dtype[Any], int, int]]) -> None:
+        self.buffer = buffer
+        self.channels = channels
+        #: per output: dtype, byte offset, capacity in bytes
+        self.outputs = outputs
+        self.address = np.frombuffer(buffer, np.uint8).ctypes.data
+        self.pinned = False
+
+    def pixels(self, n: int, height: int, width: int) -> Pixels:
+        return np.ndarray((n, height, width, self.channels), np.uint8, buffer=self.buffer)
+
+    def output(self, name: str, shape: tuple[int, ...]) -> npt.NDArray[Any]:
+        return np.ndarray(shape, self.outputs[name][0], buffer=self.buffer, offset=self._offset(name, shape))
+
+    def output_address(self, name: str, shape: tuple[int, ...]) -> int:
+        return self.address + self._offset(name, shape)
+
+    def _offset(self, name: str, shape: tuple[int, ...]) -> int:
+        dtype, offset, capacity = self.outputs[name]
+        if int(np.prod(shape)) * dtype.itemsize > capacity:
+            raise InternalError(f"output {name} {shape} does not fit its {capacity} bytes")
+        return offset
+
+
 class Lane(abc.ABC):
     """One execution slot of one bucket; the caller uses a lane from one thread at a time."""
 
@@ -59,6 +88,15 @@ class Lane(abc.ABC):
             if array.shape[0] != n:
                 raise InternalError(f"output {name} has {array.shape[0]} rows for a batch of {n}")
         return outputs
+
+    def run_block(self, block: HostBlock, n: int, height: int, width: int) -> dict[str, tuple[int, ...]]:
+        """Run the batch whose pixels are in ``block``, its outputs written back into it; their shapes."""
+        self.input(n, height, width)[:] = block.pixels(n, height, width)
+        shapes = {}
+        for name, array in self.run(n, height, width).items():
+            block.output(name, array.shape)[:] = array
+            shapes[name] = array.shape
+        return shapes
 
     @abc.abstractmethod
     def _input(self, n: int, height: int, width: int) -> Pixels: ...
@@ -130,6 +168,12 @@ class Backend(abc.ABC):
     def describe(self) -> dict[str, str]:
         """Labels for the build-info metric and logs."""
         return {"kind": self.kind}
+
+    def pin(self, block: HostBlock) -> None:  # noqa: B027 - only device backends copy from host memory
+        """Make ``block`` directly usable by the device, where the backend can (sets ``block.pinned``)."""
+
+    def unpin(self, block: HostBlock) -> None:  # noqa: B027
+        """Undo ``pin`` before the block's memory goes away."""
 
     @abc.abstractmethod
     def _open(self) -> None: ...

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from worker.backends.base import Backend, Lane, Outputs, Pixels
+from worker.backends.base import Backend, HostBlock, Lane, Outputs, Pixels
 from worker.buckets import BucketSpec, ModelSpec
 from worker.errors import (
     BackendError,
@@ -111,12 +111,18 @@ class EngineServer:
             shm = SharedMemory(name=shm_name)
             # the worker created the block and unlinks it; this process only borrows it
             resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
-            _, outputs = _layout(self.spec, bucket)
+            assert shm.buf is not None  # open until close()
+            block = HostBlock(shm.buf, self.spec.channels, _layout(self.spec, bucket)[1])
+            self.backend.pin(block)
             self.attached += 1
-            conn.send(("attached",))
-            while True:
-                _, n, h, w = conn.recv()
-                conn.send(self._run(bucket, shm, outputs, (n, h, w)))
+            conn.send(("attached", block.pinned))
+            try:
+                while True:
+                    _, n, h, w = conn.recv()
+                    conn.send(self._run(bucket, block, (n, h, w)))
+            finally:
+                self.backend.unpin(block)
+                del block  # its views of the memory, before the memory is unmapped
         except (EOFError, OSError):
             pass  # the worker went away
         finally:
@@ -125,25 +131,10 @@ class EngineServer:
                 shm.close()
             conn.close()
 
-    def _run(
-        self,
-        bucket: BucketSpec,
-        shm: SharedMemory,
-        outputs: dict[str, tuple[np.dtype[Any], int, int]],
-        shape: tuple[int, int, int],
-    ) -> tuple[Any, ...]:
-        n, h, w = shape
+    def _run(self, bucket: BucketSpec, block: HostBlock, shape: tuple[int, int, int]) -> tuple[Any, ...]:
         lane = self._free[bucket.id].get()
         try:
-            pixels = np.ndarray((n, h, w, self.spec.channels), np.uint8, buffer=shm.buf)
-            lane.input(n, h, w)[:] = pixels
-            shapes = {}
-            for name, array in lane.run(n, h, w).items():
-                dtype, offset, _ = outputs[name]
-                target = np.ndarray(array.shape, dtype, buffer=shm.buf, offset=offset)
-                target[:] = array
-                shapes[name] = array.shape
-            return ("ok", shapes)
+            return ("ok", lane.run_block(block, *shape))
         except WorkerError as exc:
             return ("error", type(exc).__name__, str(exc), not self.backend.healthy)
         except Exception as exc:
@@ -176,8 +167,11 @@ class RemoteLane(Lane):
         self._shm = SharedMemory(create=True, size=size)
         self._conn = _connect(backend.settings.remote.address, backend.settings.remote.connect_timeout_s)
         self._conn.send(("attach", bucket.id, self._shm.name))
-        if self._conn.recv() != ("attached",):
+        reply = self._conn.recv()
+        if reply[0] != "attached":
             raise EngineLoadError(f"the engine server refused a lane of bucket {bucket.id}")
+        #: the server's device copies straight from and into this block (no staging copies)
+        self.pinned: bool = reply[1]
 
     def _input(self, n: int, height: int, width: int) -> Pixels:
         return np.ndarray((n, height, width, self.spec.channels), np.uint8, buffer=self._shm.buf)

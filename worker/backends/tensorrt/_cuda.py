@@ -7,6 +7,7 @@ context is per thread, so each executor thread binds it before its first call.
 from __future__ import annotations
 
 import ctypes
+import logging
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,8 @@ except ImportError:  # older cuda-python 12.x
     from cuda import cuda as cu
 
 from worker.errors import BackendError, EngineLoadError
+
+logger = logging.getLogger(__name__)
 
 #: errors after which the context (and so this process's GPU state) cannot be trusted
 _STICKY = {
@@ -55,7 +58,7 @@ def device_count() -> int:
 
 
 class Device:
-    def __init__(self, ordinal: int) -> None:
+    def __init__(self, ordinal: int, spin_wait: bool = False) -> None:
         try:
             ck(cu.cuInit(0), "cuInit")
             count = ck(cu.cuDeviceGetCount(), "cuDeviceGetCount")
@@ -64,6 +67,7 @@ class Device:
         if ordinal >= count:
             raise EngineLoadError(f"GPU {ordinal} requested, {count} visible")
         self.handle = ck(cu.cuDeviceGet(ordinal), "cuDeviceGet")
+        self._set_wait(spin_wait)
         self.context = ck(cu.cuDevicePrimaryCtxRetain(self.handle), "cuDevicePrimaryCtxRetain")
         self.bind()
         self.name = ck(cu.cuDeviceGetName(128, self.handle), "cuDeviceGetName").split(b"\0")[0].decode()
@@ -71,6 +75,15 @@ class Device:
         major = ck(cu.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, self.handle))
         minor = ck(cu.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, self.handle))
         self.compute_capability = f"{major}.{minor}"
+
+    def _set_wait(self, spin: bool) -> None:
+        """How a thread waits for its stream. CUDA's default spins whenever the host has more cores
+        than contexts: every lane thread waiting on a batch would burn a core the decoders need."""
+        flags = cu.CUctx_flags.CU_CTX_SCHED_SPIN if spin else cu.CUctx_flags.CU_CTX_SCHED_BLOCKING_SYNC
+        try:
+            ck(cu.cuDevicePrimaryCtxSetFlags(self.handle, int(flags)), "cuDevicePrimaryCtxSetFlags")
+        except CudaError as exc:  # the context is active already (older drivers): it keeps its flags
+            logger.warning("cannot set how threads wait for the GPU: %s", exc)
 
     def bind(self) -> None:
         ck(cu.cuCtxSetCurrent(self.context), "cuCtxSetCurrent")
@@ -136,12 +149,22 @@ class PinnedBuffer:
         ck(cu.cuMemFreeHost(self.address), "cuMemFreeHost")
 
 
-def copy_to_device(dst: DeviceBuffer, src: PinnedBuffer, nbytes: int, stream: Stream) -> None:
-    ck(cu.cuMemcpyHtoDAsync(dst.handle, src.address, nbytes, stream.handle), "cuMemcpyHtoDAsync")
+def register_host(address: int, nbytes: int) -> None:
+    """Page-lock existing host memory (another process's shared memory) for direct device copies."""
+    ck(cu.cuMemHostRegister(address, nbytes, cu.CU_MEMHOSTREGISTER_PORTABLE), "cuMemHostRegister")
 
 
-def copy_to_host(dst: PinnedBuffer, src: DeviceBuffer, nbytes: int, stream: Stream) -> None:
-    ck(cu.cuMemcpyDtoHAsync(dst.address, src.handle, nbytes, stream.handle), "cuMemcpyDtoHAsync")
+def unregister_host(address: int) -> None:
+    ck(cu.cuMemHostUnregister(address), "cuMemHostUnregister")
+
+
+def copy_to_device(dst: DeviceBuffer, src_address: int, nbytes: int, stream: Stream) -> None:
+    """From page-locked host memory (a PinnedBuffer's address, or registered memory)."""
+    ck(cu.cuMemcpyHtoDAsync(dst.handle, src_address, nbytes, stream.handle), "cuMemcpyHtoDAsync")
+
+
+def copy_to_host(dst_address: int, src: DeviceBuffer, nbytes: int, stream: Stream) -> None:
+    ck(cu.cuMemcpyDtoHAsync(dst_address, src.handle, nbytes, stream.handle), "cuMemcpyDtoHAsync")
 
 
 def fill_u8(dst: DeviceBuffer, value: int, count: int, stream: Stream) -> None:

@@ -6,8 +6,8 @@ import logging
 
 import tensorrt as trt
 
-from worker.backends.base import Backend, Lane
-from worker.backends.tensorrt._cuda import Device
+from worker.backends.base import Backend, HostBlock, Lane
+from worker.backends.tensorrt._cuda import CudaError, Device, register_host, unregister_host
 from worker.backends.tensorrt._logger import trt_logger
 from worker.backends.tensorrt.build import plan_for
 from worker.backends.tensorrt.engine import check_profiles, deserialize
@@ -23,7 +23,7 @@ class TensorRTBackend(Backend):
 
     def _open(self) -> None:
         settings = self.settings.tensorrt
-        self.device = Device(settings.device)
+        self.device = Device(settings.device, settings.spin_wait)
         self.runtime = trt.Runtime(trt_logger())
         self.plan_path = plan_for(self.spec, self.onnx_path, settings, self.device)
         try:
@@ -49,6 +49,22 @@ class TensorRTBackend(Backend):
             )
             for _ in range(self.settings.tensorrt.instances)
         ]
+
+    def pin(self, block: HostBlock) -> None:
+        """Page-lock a worker's shared memory, so lanes copy straight from and into it."""
+        self.device.bind()
+        try:
+            register_host(block.address, len(block.buffer))
+        except CudaError as exc:  # e.g. a locked-memory limit: the staging copies still work
+            logger.warning("cannot pin a worker's shared memory (%s); its batches go through staging copies", exc)
+            return
+        block.pinned = True
+
+    def unpin(self, block: HostBlock) -> None:
+        if block.pinned:
+            self.device.bind()
+            unregister_host(block.address)
+            block.pinned = False
 
     def _sticky_error(self) -> None:
         """A CUDA error that poisons the context: this process cannot use the GPU any more."""

@@ -123,7 +123,7 @@ def plan_for(
     spec: ModelSpec, onnx_path: Path, settings: TensorRTSettings, device: Device | None = None, force: bool = False
 ) -> Path:
     """The cached plan for this model, spec, TensorRT and GPU; built when missing, stale or corrupt."""
-    device = device or Device(settings.device)
+    device = device or Device(settings.device, settings.spin_wait)
     onnx_sha256 = sha256_of(onnx_path)
     if onnx_sha256 != spec.sha256:
         raise ConfigError(f"{onnx_path} has sha256 {onnx_sha256}, the spec {spec.name} pins {spec.sha256}")

@@ -2,7 +2,8 @@
 stream, device buffers and pinned host buffers sized for the profile's max shape, reused per batch.
 
 The pipeline writes uint8 pixels straight into the pinned input buffer; a run copies only the
-batch's bytes in and its outputs out, and waits on this lane's stream alone.
+batch's bytes in and its outputs out, and waits on this lane's stream alone. A worker process's
+shared-memory block, pinned by the engine server, is copied from and into directly instead.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from worker.backends.base import Lane, Outputs, Pixels
+from worker.backends.base import HostBlock, Lane, Outputs, Pixels
 from worker.backends.tensorrt import _compat
 from worker.backends.tensorrt._cuda import (
     CudaError,
@@ -25,10 +26,13 @@ from worker.backends.tensorrt._cuda import (
     fill_u8,
 )
 from worker.backends.tensorrt._logger import trt_logger
-from worker.backends.tensorrt.engine import io_tensors
+from worker.backends.tensorrt.engine import TensorInfo, io_tensors
 from worker.buckets import BucketSpec, ModelSpec
 from worker.errors import BackendError, EngineLoadError, ShapeOutOfProfileError
 from worker.graph import ENGINE_INPUT
+
+#: where an output goes: its host address, given the output and its shape for this batch
+Destination = Callable[[TensorInfo, tuple[int, ...]], int]
 
 
 class TensorRTLane(Lane):
@@ -81,15 +85,41 @@ class TensorRTLane(Lane):
         return view
 
     def _run(self, n: int, height: int, width: int) -> Outputs:
-        """Shape → H2D → execute_async_v3 → D2H, then wait on this lane's stream only."""
+        """Through the lane's own pinned buffers; the outputs are views of them."""
+        views: Outputs = {}
+
+        def own_buffer(out: TensorInfo, shape: tuple[int, ...]) -> int:
+            views[out.name] = self.host_buffers[out.name].view(shape, out.dtype)
+            return self.host_buffers[out.name].address
+
+        self._copied_run(n, height, width, self.host_buffers[self.input_tensor.name].address, own_buffer)
+        return views
+
+    def run_block(self, block: HostBlock, n: int, height: int, width: int) -> dict[str, tuple[int, ...]]:
+        """A pinned block is copied from and into directly: no staging copy through the lane's buffers."""
+        if not block.pinned:
+            return super().run_block(block, n, height, width)
+        self._check(n, height, width)
+        shapes: dict[str, tuple[int, ...]] = {}
+
+        def into_block(out: TensorInfo, shape: tuple[int, ...]) -> int:
+            shapes[out.name] = shape
+            return block.output_address(out.name, shape)
+
+        self._copied_run(n, height, width, block.address, into_block)
+        return shapes
+
+    def _copied_run(self, n: int, height: int, width: int, source: int, destination: Destination) -> None:
         try:
-            return self._execute(n, height, width, copy=True)
+            self._execute(n, height, width, (source, destination))
         except CudaError as exc:
             if exc.sticky:
                 self._on_sticky()
             raise
 
-    def _execute(self, n: int, height: int, width: int, copy: bool) -> Outputs:
+    def _execute(self, n: int, height: int, width: int, copies: tuple[int, Destination] | None) -> None:
+        """Shape → H2D from the source address → execute_async_v3 → D2H to each output's
+        destination, then wait on this lane's stream only. Without ``copies``: execution alone."""
         self.device.bind()
         shape = (n, height, width, self.spec.channels)
         # TensorRT 8.6's set_input_shape accepts shapes outside the profile: Lane.run checked it first.
@@ -97,31 +127,25 @@ class TensorRTLane(Lane):
             if not self.context.set_input_shape(self.input_tensor.name, shape):
                 raise ShapeOutOfProfileError(f"TensorRT rejected shape {shape} on profile {self.profile}")
             self._shape = shape
-        if copy:
-            nbytes = n * height * width * self.spec.channels
-            copy_to_device(
-                self.device_buffers[self.input_tensor.name],
-                self.host_buffers[self.input_tensor.name],
-                nbytes,
-                self.stream,
-            )
+        if copies:
+            source, _ = copies
+            copy_to_device(self.device_buffers[self.input_tensor.name], source, int(np.prod(shape)), self.stream)
         if not self.context.execute_async_v3(self.stream.address):
             self.stream.synchronize()
             raise BackendError(f"execute_async_v3 failed on bucket {self.bucket.id}: {trt_logger().last_error}")
-        views = {}
-        if copy:
+        if copies:
+            _, destination = copies
             for out in self.output_tensors:
-                view = self.host_buffers[out.name].view(tuple(self.context.get_tensor_shape(out.name)), out.dtype)
-                copy_to_host(self.host_buffers[out.name], self.device_buffers[out.name], view.nbytes, self.stream)
-                views[out.name] = view
+                out_shape = tuple(self.context.get_tensor_shape(out.name))
+                nbytes = int(np.prod(out_shape)) * out.dtype.itemsize
+                copy_to_host(destination(out, out_shape), self.device_buffers[out.name], nbytes, self.stream)
         self.stream.synchronize()
-        return views
 
     def time_execute(self, n: int, height: int, width: int) -> float:
         """Benchmarks only: GPU milliseconds of one execution (CUDA events), no copies."""
         self.device.bind()
         self.stream.record(0)
-        self._execute(n, height, width, copy=False)
+        self._execute(n, height, width, None)
         self.stream.record(1)
         self.stream.synchronize()
         return self.stream.elapsed_ms()
