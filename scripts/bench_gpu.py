@@ -302,10 +302,15 @@ def redis_short(run: dict[str, Any]) -> str:
 
 
 def setup(run: dict[str, Any]) -> str:
-    """What differs between runs of one precision: the process counts tried, the Redis, the cores."""
+    """What differs between runs of one precision: the process counts tried, the Redis, the cores, the machine."""
     tried = ", ".join(str(p) for p in sorted(int(p) for p in run.get("sweep", {})))
     redis = run.get("redis", "one redis-server")
-    return f"{run['uniform']['processes']} of {tried} worker processes; {redis}; {run['cpus']} CPU cores"
+    processes = f"{run['uniform']['processes']} of {tried} worker processes"
+    return f"{processes}; {redis}; {run['cpus']} CPU cores; {run['source']}"
+
+
+def label(run: dict[str, Any]) -> str:
+    return f"{run['precision']}, {run['cpus']} cores, {redis_short(run)}, {run['source']}"
 
 
 def ratio(run: dict[str, Any], raw: dict[str, float]) -> float:
@@ -330,7 +335,7 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
 
     labels, values, colors = [], [], []
     for run in runs:
-        p = f"{run['precision']} ({run['uniform']['processes']} proc, {run['cpus']} cores, {redis_short(run)})"
+        p = f"{label(run)}, {run['uniform']['processes']} proc"
         for key in ("gpu_only", *(f"contexts_{c}" for c in CONTEXTS)):
             labels.append(f"{p} engine {key.replace('contexts_', '').replace('gpu_only', 'GPU-only')}")
             values.append(run["raw"][key])
@@ -350,8 +355,7 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
 
 
 def report(args: argparse.Namespace) -> int:
-    runs = [json.loads(p.read_text()) for p in args.results]
-    cpu = json.loads(args.cpu.read_text()) if args.cpu else None
+    runs = [{**json.loads(p.read_text()), "source": p.parent.name} for p in args.results]
     first = runs[0]
     out = args.docs / "performance.md"
     png = args.docs / "performance.png"
@@ -359,8 +363,9 @@ def report(args: argparse.Namespace) -> int:
     lines = [
         "# Performance",
         "",
-        f"Measured {first['date']} on the lent GPU machine ({first['gpu']}, TensorRT {first['tensorrt']}; "
-        "each run's CPU cores and Redis are on its ratio line) by `scripts/bench_gpu.py`, one plan per precision "
+        f"Measured on lent GPU machines ({first['gpu']}, TensorRT {first['tensorrt']}; each run's CPU cores, "
+        "Redis and source folder under `docs/measurements/`, which names the machine and the session, are on its "
+        "ratio line) by `scripts/bench_gpu.py`, one plan per precision "
         f"(`tests/gpu/spec_small.yaml`: buckets s256 up to 16x256x256 and m512 up to 16x512x512; TF32 off).",
         "",
         "Ratios: the worker end to end (from Redis, steady window) over the best raw engine figure "
@@ -381,7 +386,7 @@ def report(args: argparse.Namespace) -> int:
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for run in runs:
-        p, raw = f"{run['precision']}, {run['cpus']} cores, {redis_short(run)}", run["raw"]
+        p, raw = label(run), run["raw"]
         n, h, w = run["uniform_shape"][1:]
         lines.append(f"| {p} | engine, GPU time only (CUDA events), {n}x{h}x{w} | {raw['gpu_only']:.0f} | | | | |")
         for c in CONTEXTS:
@@ -411,17 +416,18 @@ def report(args: argparse.Namespace) -> int:
             f"fp16 against fp32 on {len(fp['fp32']['boxes'])} real photos: {clear} boxes scoring at least "
             f"{CLEAR_SCORE} (both ways), {missing} without a counterpart of IoU >= {BOX_IOU}.",
         ]
-    if cpu:
-        lines += [
-            "",
-            "## The CPU side alone (`scripts/bench_cpu.py --backend fake`)",
-            "",
-            f"{cpu['jobs']} {cpu['size']} JPEGs, the fake backend (a recorded map, no model): the worker ran "
-            f"{cpu['img_s']:.0f} images/s on {cpu['cores']:.2f} cores = **{cpu['per_core']:.0f} images/s per core**; "
-            f"a one-image-at-a-time loop does {cpu['baseline_img_s']:.0f} per core on the same machine.",
-        ]
+    if args.cpu:
+        lines += ["", "## The CPU side alone (`scripts/bench_cpu.py --backend fake`)", ""]
+    for path in args.cpu or []:
+        cpu = json.loads(path.read_text())
+        lines.append(
+            f"- {path.parent.name}: {cpu['jobs']} {cpu['size']} JPEGs, {cpu['processes']} worker processes, the fake "
+            f"backend (a recorded map, no model): the worker ran {cpu['img_s']:.0f} images/s on {cpu['cores']:.2f} "
+            f"cores = **{cpu['per_core']:.0f} images/s per core**; a one-image-at-a-time loop does "
+            f"{cpu['baseline_img_s']:.0f} per core on the same machine."
+        )
     for path in args.gpus or []:
-        lines += gpus_section(json.loads(path.read_text()))
+        lines += gpus_section(json.loads(path.read_text()), path.parent.name)
     if args.redis:
         lines += redis_section(json.loads(args.redis.read_text()), args.docs / "performance-redis.png")
     if args.notes:
@@ -431,7 +437,7 @@ def report(args: argparse.Namespace) -> int:
     return 0
 
 
-def gpus_section(data: dict[str, Any]) -> list[str]:
+def gpus_section(data: dict[str, Any], source: str) -> list[str]:
     lines = [
         "",
         f"## Several GPUs (`scripts/bench_gpu.py gpus --precision {data['precision']}"
@@ -439,7 +445,7 @@ def gpus_section(data: dict[str, Any]) -> list[str]:
         "",
         f"The uniform corpus through `imgworker run --gpus`, {data['one']['processes']} worker processes per GPU, "
         f"one engine server per GPU, jobs on {data.get('redis', 'one redis-server')}, on a host with "
-        f"{data['gpus']} GPUs and {data['cpus']} CPU cores, measured {data['date']}:",
+        f"{data['gpus']} GPUs and {data['cpus']} CPU cores, measured {data['date']} ({source}):",
         "",
         "| GPUs | jobs | images/s | p50 ms | p99 ms | mean batch | worker CPU cores | Redis cores |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -547,7 +553,7 @@ def main() -> int:
     g.set_defaults(handler=scale_gpus)
     r = sub.add_parser("report")
     r.add_argument("results", type=Path, nargs="+")
-    r.add_argument("--cpu", type=Path, help="bench_cpu.py --json output")
+    r.add_argument("--cpu", type=Path, nargs="*", help="bench_cpu.py --json outputs")
     r.add_argument("--gpus", type=Path, nargs="*", help="bench_gpu.py gpus outputs")
     r.add_argument("--redis", type=Path, help="bench_redis.py --json output")
     r.add_argument("--docs", type=Path, default=REPO / "docs")

@@ -7,9 +7,11 @@ opens the real backend once (one CUDA context: every execution context and strea
 and lends its lanes to the workers.
 
 Each worker lane owns a shared-memory block (input pixels, then outputs) and a connection to the
-server. A run is one small message each way: the server takes a free lane of the bucket, copies the
-pixels in, runs, copies the outputs back into the block. Failures come back typed; a lost server is
-a lost device (the worker stops, to be restarted with it).
+server. A run is one small message each way: the server takes a free lane of the bucket and runs
+the block's batch, its outputs written back into the block. The server pins each block when it is
+attached (a GPU backend copies to and from it directly); a backend that cannot pin it copies through
+the lane's own buffers. Failures come back typed; a lost server is a lost device (the worker stops,
+to be restarted with it).
 """
 
 from __future__ import annotations
