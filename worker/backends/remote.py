@@ -103,6 +103,7 @@ class EngineServer:
 
     def _serve(self, conn: Connection) -> None:
         shm: SharedMemory | None = None
+        block: HostBlock | None = None
         try:
             kind, *args = conn.recv()
             if kind == "describe":
@@ -113,25 +114,31 @@ class EngineServer:
             shm = SharedMemory(name=shm_name)
             # the worker created the block and unlinks it; this process only borrows it
             resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
+            self.attached += 1
             assert shm.buf is not None  # open until close()
             block = HostBlock(shm.buf, self.spec.channels, _layout(self.spec, bucket)[1])
             self.backend.pin(block)
-            self.attached += 1
             conn.send(("attached", block.pinned))
-            try:
-                while True:
-                    _, n, h, w = conn.recv()
-                    conn.send(self._run(bucket, block, (n, h, w)))
-            finally:
-                self.backend.unpin(block)
-                del block  # its views of the memory, before the memory is unmapped
+            while True:
+                _, n, h, w = conn.recv()
+                conn.send(self._run(bucket, block, (n, h, w)))
         except (EOFError, OSError):
             pass  # the worker went away
+        except WorkerError as exc:  # the device failed while pinning: the worker sees its server go
+            logger.error("engine server: cannot serve a worker lane: %s", exc)
         finally:
+            if block is not None:
+                self._unpin(block)
             if shm is not None:
                 self.attached -= 1
                 shm.close()
             conn.close()
+
+    def _unpin(self, block: HostBlock) -> None:
+        try:
+            self.backend.unpin(block)
+        except WorkerError as exc:  # a broken device: the memory is unmapped all the same
+            logger.warning("engine server: cannot unpin a worker's shared memory: %s", exc)
 
     def _run(self, bucket: BucketSpec, block: HostBlock, shape: tuple[int, int, int]) -> tuple[Any, ...]:
         lane = self._free[bucket.id].get()
