@@ -416,9 +416,10 @@ def report(args: argparse.Namespace) -> int:
             f"fp16 against fp32 on {len(fp['fp32']['boxes'])} real photos: {clear} boxes scoring at least "
             f"{CLEAR_SCORE} (both ways), {missing} without a counterpart of IoU >= {BOX_IOU}.",
         ]
-    if args.cpu:
+    cpu_files = args.cpu or []
+    if cpu_files:
         lines += ["", "## The CPU side alone (`scripts/bench_cpu.py --backend fake`)", ""]
-    for path in args.cpu or []:
+    for path in cpu_files:
         cpu = json.loads(path.read_text())
         lines.append(
             f"- {path.parent.name}: {cpu['jobs']} {cpu['size']} JPEGs, {cpu['processes']} worker processes, the fake "
