@@ -23,6 +23,19 @@ DEFAULT_SPEC = PACKAGED_SPECS / "ppocr_det.yaml"
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 
+def usable_cores() -> int:
+    """Cores this process may run on: its CPU affinity (taskset, cpusets), capped by a cgroup v2 CPU
+    quota (a container's CPU limit), which ``os.cpu_count()`` ignores and over-threads."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cores = min(cores, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
 def _default_consumer() -> str:
     """Unique per process, so a restarted worker never inherits a dead one's lease."""
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -125,7 +138,7 @@ class BackendSettings(_Section):
 
 class PipelineSettings(_Section):
     #: threads that decode images and postprocess maps (OpenCV releases the GIL)
-    decode_threads: Annotated[int, Field(ge=1)] = max(os.cpu_count() or 1, 1)
+    decode_threads: Annotated[int, Field(ge=1)] = Field(default_factory=usable_cores)
     #: entries held at once; None: about two batches per execution context, so a killed worker
     #: orphans few jobs and a stop drains in seconds
     max_inflight: Annotated[int, Field(ge=1)] | None = None

@@ -34,7 +34,7 @@ from prometheus_client.registry import Collector
 
 from worker.connection import redact
 from worker.http import serve_http
-from worker.settings import Settings
+from worker.settings import Settings, usable_cores
 
 logger = logging.getLogger(__name__)
 PORT_LINE = re.compile(r"metrics and health on http://[^:]+:(\d+)/metrics")
@@ -125,8 +125,8 @@ class Supervisor:
             "IMGWORKER_METRICS__HOST": "127.0.0.1",
             "IMGWORKER_METRICS__PORT": "0",
         }
-        if "IMGWORKER_PIPELINE__DECODE_THREADS" not in os.environ:  # the cores, shared out
-            base["IMGWORKER_PIPELINE__DECODE_THREADS"] = str(max(2, (os.cpu_count() or 2) // processes))
+        if "IMGWORKER_PIPELINE__DECODE_THREADS" not in os.environ:
+            base["IMGWORKER_PIPELINE__DECODE_THREADS"] = str(decode_threads_each(processes * len(gpus)))
         run = [sys.executable, "-m", "worker", "run", *(["--burst"] if burst else [])]
         self.children: list[Child] = []
         gpu_backend = settings.backend.kind == "tensorrt"
@@ -238,6 +238,12 @@ class Supervisor:
         for path in self._socket_dir.glob("*"):
             path.unlink(missing_ok=True)
         self._socket_dir.rmdir()
+
+
+def decode_threads_each(workers: int) -> int:
+    """The usable cores shared out among the worker processes of every GPU: threads beyond that
+    only contend for each process's GIL, which costs CPU per image (docs/performance.md)."""
+    return max(1, usable_cores() // workers)
 
 
 def visible_gpus(spec: str) -> list[int]:

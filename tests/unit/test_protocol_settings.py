@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import zlib
 
 import numpy as np
@@ -8,7 +11,8 @@ import pytest
 
 from worker.errors import ConfigError, InvalidJobError
 from worker.protocol import PROTOCOL_VERSION, JobRequest, JobResult, Keys, valid_job_id
-from worker.settings import Settings
+from worker.settings import Settings, usable_cores
+from worker.supervisor import decode_threads_each
 
 
 def _wire(fields: dict[str, bytes | str | int]) -> dict[bytes, bytes]:
@@ -136,3 +140,17 @@ def test_secrets_stay_out_of_settings_errors_and_logs(monkeypatch: pytest.Monkey
     assert redact("redis://user:hunter2@host:6379/0") == "redis://user:***@host:6379/0"
     assert redact("rediss://:hunter2@host/0") == "rediss://:***@host/0"
     assert redact("redis://host:6379/0") == "redis://host:6379/0"
+
+
+def test_decode_threads_follow_the_cores_a_process_may_use_not_the_machines() -> None:
+    """taskset or a cpuset pins a worker to fewer cores than os.cpu_count(): threads follow the pin."""
+    one_core = min(os.sched_getaffinity(0))
+    probe = (
+        f"import os; os.sched_setaffinity(0, {{{one_core}}}); "
+        "from worker.settings import Settings, usable_cores; from worker.supervisor import decode_threads_each; "
+        "print(usable_cores(), Settings.load().pipeline.decode_threads, decode_threads_each(4))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["1", "1", "1"]
+    assert 1 <= usable_cores() <= len(os.sched_getaffinity(0))
+    assert decode_threads_each(1) == usable_cores()
