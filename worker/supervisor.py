@@ -241,9 +241,13 @@ class Supervisor:
 
 
 def decode_threads_each(workers: int) -> int:
-    """The usable cores shared out among the worker processes of every GPU: threads beyond that
-    only contend for each process's GIL, which costs CPU per image (docs/performance.md)."""
-    return max(1, usable_cores() // workers)
+    """The usable cores shared out among the worker processes of every GPU, at least two each.
+
+    More threads only contend for each process's GIL, which costs CPU per image; fewer than two
+    cost throughput: on the H200 (16 cores, fp32) 1 thread per process gave 4581-4699 images/s
+    at 10-16 processes, 2-3 threads 4794-5051 at 8-10 (docs/measurements/notes.md).
+    """
+    return max(2, usable_cores() // workers)
 
 
 def visible_gpus(spec: str) -> list[int]:
