@@ -157,6 +157,10 @@ class Service:
                 ]
                 await self._intake(burst)
                 await self._drain(runners)
+        # The background loops end on this as well as on the group's cancellation: redis-py's asyncio
+        # client can lose a cancellation that lands inside a call, and a loop that lost it would
+        # keep the group, and with it the process, alive after a burst.
+        self._stopping.set()
         raise _Finished
 
     async def _warm_up(self) -> None:
