@@ -346,11 +346,11 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
         labels.append(f"{p} worker mixed")
         values.append(run["mixed"]["img_s"])
         colors.append("#f4a261")
-    fig, ax = plt.subplots(figsize=(10, 0.35 * len(labels) + 1))
+    fig, ax = plt.subplots(figsize=(10, 0.35 * len(labels) + 1), layout="constrained")
     ax.barh(labels[::-1], values[::-1], color=colors[::-1])
     ax.set_xlabel("images/s")
-    ax.set_title(f"{runs[0]['gpu']}, TensorRT {runs[0]['tensorrt']}: engine (contexts) and worker end to end")
-    fig.tight_layout()
+    # over the whole figure: the long bar labels leave the axes too narrow for it
+    fig.suptitle(f"{runs[0]['gpu']}, TensorRT {runs[0]['tensorrt']}: engine (contexts) and worker end to end")
     fig.savefig(path, dpi=110)
 
 
