@@ -223,6 +223,7 @@ def measure(args: argparse.Namespace) -> int:
         "plan": plan.name,
         "redis": "a three-master Redis Cluster" if args.cluster else "one redis-server",
         "build_s": meta["build_s"],
+        "env": args.env,  # worker settings given with --env, shown on the report's lines
         "uniform_shape": list(uniform_shape),
         "raw": raw,
     }
@@ -306,11 +307,13 @@ def setup(run: dict[str, Any]) -> str:
     tried = ", ".join(str(p) for p in sorted(int(p) for p in run.get("sweep", {})))
     redis = run.get("redis", "one redis-server")
     processes = f"{run['uniform']['processes']} of {tried} worker processes"
-    return f"{processes}; {redis}; {run['cpus']} CPU cores; {run['source']}"
+    settings = "".join(f"; {item}" for item in run.get("env", []))
+    return f"{processes}; {redis}; {run['cpus']} CPU cores{settings}; {run['source']}"
 
 
 def label(run: dict[str, Any]) -> str:
-    return f"{run['precision']}, {run['cpus']} cores, {redis_short(run)}, {run['source']}"
+    settings = "".join(f", {item}" for item in run.get("env", []))
+    return f"{run['precision']}, {run['cpus']} cores, {redis_short(run)}{settings}, {run['source']}"
 
 
 def ratio(run: dict[str, Any], raw: dict[str, float]) -> float:
