@@ -125,15 +125,16 @@ class Supervisor:
             "IMGWORKER_METRICS__HOST": "127.0.0.1",
             "IMGWORKER_METRICS__PORT": "0",
         }
+        # one group of N workers per GPU; a backend that is not TensorRT runs a single group
+        groups: list[int | None] = list(gpus) if settings.backend.kind == "tensorrt" else [None]
         if "IMGWORKER_PIPELINE__DECODE_THREADS" not in os.environ:
-            base["IMGWORKER_PIPELINE__DECODE_THREADS"] = str(decode_threads_each(processes * len(gpus)))
+            base["IMGWORKER_PIPELINE__DECODE_THREADS"] = str(decode_threads_each(processes * len(groups)))
         run = [sys.executable, "-m", "worker", "run", *(["--burst"] if burst else [])]
         self.children: list[Child] = []
-        gpu_backend = settings.backend.kind == "tensorrt"
         # ONNX Runtime computes on the CPU: independent processes scale with cores. Any other
         # backend stands for a device that one engine server per GPU must own.
         shared_engine = processes > 1 and settings.backend.kind != "onnxruntime"
-        for gpu in gpus if gpu_backend else [None]:
+        for gpu in groups:
             device = {} if gpu is None else {"IMGWORKER_BACKEND__TENSORRT__DEVICE": str(gpu)}
             tag = "" if gpu is None else f"gpu{gpu}-"
             worker_env = {**base, **device}
