@@ -23,7 +23,7 @@ from typing import Any
 
 from redis.exceptions import ResponseError
 
-from worker.connection import connect, keys_for, mapped
+from worker.connection import broker_error, connect, keys_for, mapped
 from worker.protocol import (
     CHARGE_SCRIPT,
     FORGET_CONSUMER_SCRIPT,
@@ -166,10 +166,10 @@ class Broker:
             if fields is not None
         ]
 
-    async def _pipelined(self, queue: Any) -> list[Any]:
+    async def _pipelined(self, queue: Any, raise_on_error: bool = True) -> list[Any]:
         async with self.redis.pipeline(transaction=False) as pipe:
             queue(pipe)
-            return list(await pipe.execute())
+            return list(await pipe.execute(raise_on_error=raise_on_error))
 
     async def mark(self, running: Sequence[Delivery] = (), waiting: Sequence[Delivery] = ()) -> None:
         """Which entries this worker is running (a death counts against them) and which only wait.
@@ -216,39 +216,61 @@ class Broker:
         """Claim entries of consumers whose lease expired, and this worker's own entries left for retry.
 
         Own entries still being worked on (keys in ``skip``) are skipped. A claim resets an entry's
-        idle time, so two reclaimers never both take the same entry.
+        idle time, so two reclaimers never both take the same entry. Every stream's consumers,
+        their leases and their idle entries are read in one pipeline each (one round trip per
+        node): one call per stream and consumer would cost streams x consumers round trips, 1,200
+        on 12 shards with 32 workers, and it runs on the intake path every few seconds.
         """
+        group, streams = self.settings.group, self.keys.streams
+        replies = await self._unless_group_lost(
+            "xinfo", self._pipelined(lambda pipe: [pipe.xinfo_consumers(s, group) for s in streams])
+        )
+        if replies is None:
+            return []
+        others = sorted({_text(c["name"]) for consumers in replies for c in consumers} - {self.consumer})
+        leases = await self._call(
+            "exists", self._pipelined(lambda pipe: [pipe.exists(self.keys.lease(name)) for name in others])
+        )
+        alive = {name for name, exists in zip(others, leases, strict=True) if exists}
         lease_ms = int(self.settings.lease_s * 1000)
-        claimed: list[Delivery] = []
-        for stream in self.keys.streams:
-            consumers = await self._unless_group_lost("xinfo", self.redis.xinfo_consumers(stream, self.settings.group))
-            for consumer in consumers or []:
+        candidates: list[tuple[str, str, int]] = []  # (stream, owner, min idle ms)
+        for stream, consumers in zip(streams, replies, strict=True):
+            for consumer in consumers:
                 name = _text(consumer["name"])
-                if name == self.consumer:
-                    min_idle_ms = int(self.settings.retry_backoff_s * 1000)
-                elif await self._call("exists", self.redis.exists(self.keys.lease(name))):
+                if name in alive:
                     continue  # alive: never steal
-                elif consumer["pending"] == 0:
+                if name != self.consumer and consumer["pending"] == 0:
                     await self._forget(stream, name)  # no lease: it cannot come back under this name
-                    continue
-                else:
-                    min_idle_ms = lease_ms // 2
-                if consumer["pending"] == 0:
-                    continue
-                claimed += await self._claim(stream, name, min_idle_ms, skip, limit - len(claimed))
-                if len(claimed) >= limit:
-                    return claimed
-        return claimed
-
-    async def _claim(self, stream: str, owner: str, min_idle_ms: int, skip: set[str], limit: int) -> list[Delivery]:
+                elif consumer["pending"]:
+                    own = name == self.consumer
+                    candidates.append(
+                        (stream, name, int(self.settings.retry_backoff_s * 1000) if own else lease_ms // 2)
+                    )
+        if not candidates:
+            return []
         pending = await self._call(
             "xpending",
-            self.redis.xpending_range(
-                stream, self.settings.group, "-", "+", limit, consumername=owner, idle=min_idle_ms
+            self._pipelined(
+                lambda pipe: [
+                    pipe.xpending_range(stream, group, "-", "+", limit, consumername=owner, idle=min_idle_ms)
+                    for stream, owner, min_idle_ms in candidates
+                ]
             ),
         )
-        counts = {_text(p["message_id"]): int(p["times_delivered"]) for p in pending}
-        ids: list[Any] = [i for i in counts if f"{stream}/{i}" not in skip]
+        claimed: list[Delivery] = []
+        for (stream, owner, min_idle_ms), idle in zip(candidates, pending, strict=True):
+            if idle:
+                claimed += await self._claim(stream, owner, min_idle_ms, idle, skip=skip, limit=limit - len(claimed))
+            if len(claimed) >= limit:
+                break
+        return claimed
+
+    async def _claim(
+        self, stream: str, owner: str, min_idle_ms: int, idle: list[dict[str, Any]], *, skip: set[str], limit: int
+    ) -> list[Delivery]:
+        """Claim ``owner``'s idle entries of ``stream`` (XPENDING's answer), charging what its death cost."""
+        counts = {_text(p["message_id"]): int(p["times_delivered"]) for p in idle}
+        ids: list[Any] = [i for i in counts if f"{stream}/{i}" not in skip][:limit]
         if not ids:
             return []
         entries = await self._call(
@@ -323,15 +345,22 @@ class Broker:
         return written
 
     async def stats(self) -> dict[int, GroupStats]:
-        """Per priority, summed over the shards: unfinished entries, entries not read yet, pending."""
+        """Per priority, summed over the shards: unfinished entries, entries not read yet, pending.
+        One pipeline (a round trip per node) whatever the number of shards."""
         totals = {p: GroupStats(0, 0, 0) for p in PRIORITIES}
-        for stream in self.keys.streams:
-            length = await self._call("xlen", self.redis.xlen(stream))
-            with mapped("xinfo", self.settings.url):
-                try:
-                    groups = await self.redis.xinfo_groups(stream)
-                except ResponseError:
-                    groups = []
+        streams = self.keys.streams
+
+        def queue(pipe: Any) -> None:
+            for stream in streams:
+                pipe.xlen(stream)
+                pipe.xinfo_groups(stream)
+
+        replies = await self._call("stats", self._pipelined(queue, raise_on_error=False))
+        for stream, length, groups_or_error in zip(streams, replies[::2], replies[1::2], strict=True):
+            if isinstance(length, ResponseError):
+                raise broker_error("xlen", length, self.settings.url)
+            # a stream that is gone has no group either
+            groups = [] if isinstance(groups_or_error, ResponseError) else groups_or_error
             group = next((g for g in groups if _text(g["name"]) == self.settings.group), None)
             lag = group.get("lag") if group else length
             pending = group["pending"] if group else 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import signal
 import threading
@@ -148,3 +149,42 @@ async def test_a_cluster_with_no_reachable_node_is_a_broker_error() -> None:
             await broker.ensure_groups()
     finally:
         await broker.aclose()
+
+
+def _calls(ports: list[int], command: str) -> int:
+    """How many times the nodes ran ``command`` (INFO commandstats, summed)."""
+    name = f"cmdstat_{command}"
+    return sum(int(redis.Redis(port=p).info("commandstats").get(name, {}).get("calls", 0)) for p in ports)
+
+
+async def test_reclaim_reads_every_lease_once_whatever_the_shards(cluster: Cluster) -> None:
+    """A reclaim pass asks each stream for its consumers once and each consumer for its lease once,
+    pipelined, so its cost stays flat as shards x workers grow (it was one round trip per stream and
+    consumer: 1,200 with 12 shards and 32 workers, on every worker's intake path), and it still
+    claims exactly what a consumer without a lease left."""
+    base = {"url": cluster.url, "cluster": True, "shards": SHARDS, "lease_s": 1.0, "retry_backoff_s": 60}
+    brokers = [Broker(RedisSettings(**base, consumer=f"worker-{i}")) for i in range(8)]
+    me, dead = brokers[0], brokers[-1]
+    try:
+        await me.ensure_groups()
+        left_by_dead = set()
+        for broker in brokers:
+            await broker.heartbeat()
+            for stream in broker.keys.streams:
+                entry = await broker.redis.xadd(stream, {"image": b"x"})
+                await broker.redis.xreadgroup(broker.settings.group, broker.consumer, {stream: ">"}, 1)
+                if broker is dead:
+                    left_by_dead.add(f"{stream}/{entry.decode()}")
+        for broker in brokers[:-1]:
+            await broker.heartbeat()  # fresh: they hold through the pass below
+        await dead.redis.delete(dead.keys.lease(dead.consumer))
+        await asyncio.sleep(0.6)  # every entry idles past lease_s / 2: only the lease tells them apart
+        xinfo, exists = _calls(cluster.ports, "xinfo|consumers"), _calls(cluster.ports, "exists")
+        claimed = await me.reclaim(set(), limit=1000)
+        assert _calls(cluster.ports, "xinfo|consumers") - xinfo == len(me.keys.streams)
+        assert _calls(cluster.ports, "exists") - exists == len(brokers) - 1  # every other consumer, once
+        assert {d.key for d in claimed} == left_by_dead
+        assert all(d.deliveries == 2 for d in claimed)
+    finally:
+        for broker in brokers:
+            await broker.aclose()
