@@ -90,6 +90,14 @@ def broker_error(what: str, exc: RedisError | RedisClusterException, url: str) -
     return BrokerError(f"redis {what} failed: {detail}")
 
 
+def _raised_inside_redis_py(exc: BaseException) -> bool:
+    """True when the innermost frame of the exception's traceback is redis-py's own code."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and str(tb.tb_frame.f_globals.get("__name__", "")).startswith("redis.")
+
+
 @contextmanager
 def mapped(what: str, url: str = "") -> Iterator[None]:
     """Translate redis-py exceptions raised inside the block (see ``broker_error``)."""
@@ -99,3 +107,11 @@ def mapped(what: str, url: str = "") -> Iterator[None]:
     # are not RedisErrors
     except (RedisError, RedisClusterException) as exc:
         raise broker_error(what, exc, url) from exc
+    except AttributeError as exc:
+        # redis-py's asyncio clients close a connection that another task is using when a node
+        # fails (a cluster pipeline closes every one); that task then fails on the closed
+        # connection's missing stream ("'NoneType' object has no attribute 'writelines'").
+        # It is Redis going away, not a bug of ours: retried like any connection error.
+        if not _raised_inside_redis_py(exc):
+            raise
+        raise BrokerError(f"redis {what} failed: its connection was closed under it ({exc})") from exc

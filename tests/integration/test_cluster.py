@@ -13,6 +13,7 @@ from pathlib import Path
 import cv2
 import pytest
 import redis
+import redis.asyncio as aioredis
 
 from tests.conftest import FAST_LEASE_ENV, worker_env
 from tests.support.redis_cluster import Cluster
@@ -20,6 +21,7 @@ from tests.support.redis_server import free_port
 from tests.support.workers import WorkerProcess
 from worker.broker import Broker
 from worker.client import Client
+from worker.connection import mapped
 from worker.errors import BrokerError
 from worker.settings import RedisSettings
 
@@ -149,6 +151,18 @@ async def test_a_cluster_with_no_reachable_node_is_a_broker_error() -> None:
             await broker.ensure_groups()
     finally:
         await broker.aclose()
+
+
+async def test_a_connection_closed_under_a_call_is_redis_going_away_not_a_crash() -> None:
+    """When a node fails, redis-py closes connections other tasks are using (a cluster pipeline
+    closes them all); the call on such a connection fails inside redis-py with an AttributeError.
+    Under a failover that ended a worker ("a pipeline task failed") with jobs in hand; it must be
+    retried like a connection error. An AttributeError of our own stays a bug."""
+    closed = aioredis.connection.Connection(port=free_port())  # no stream, as after a concurrent disconnect
+    with pytest.raises(BrokerError, match="closed under it"), mapped("settle"):
+        await closed._send_packed_command([b"PING"])
+    with pytest.raises(AttributeError), mapped("settle"):
+        _ = object().writelines  # type: ignore[attr-defined]
 
 
 def _calls(ports: list[int], command: str) -> int:
