@@ -74,9 +74,17 @@ Outcome = Settlement | Retry
 
 class BucketExecutor:
     def __init__(
-        self, bucket: BucketSpec, spec: ModelSpec, backend: Backend, metrics: Metrics, cpu_pool: Executor
+        self,
+        bucket: BucketSpec,
+        spec: ModelSpec,
+        backend: Backend,
+        metrics: Metrics,
+        cpu_pool: Executor,
+        *,
+        worker: str,
     ) -> None:
         self.bucket = bucket
+        self.worker = worker  # named in every result: which worker (host, pid) ran the job
         self.spec = spec
         self.backend = backend
         self.metrics = metrics
@@ -224,6 +232,7 @@ class BucketExecutor:
             "attempts": job.delivery.attempts + 1,
             "timings_ms": job.timings_ms,
             "finished_ms": finished_ms,
+            "worker": self.worker,
         }
         tensors = item.outputs if job.request.want_tensors else {}
         result = JobResult(job.request.job_id, "ok", result=body, tensors=tensors)

@@ -61,7 +61,10 @@ class Service:
         self._cpu_pool = ThreadPoolExecutor(pipeline.decode_threads, thread_name_prefix="cpu")
         self._budget = ByteBudget(pipeline.decode_budget_mib << 20)
         self._limits = Limits(pipeline.max_pixels, self._budget.capacity)
-        self.executors = {b.id: BucketExecutor(b, spec, backend, metrics, self._cpu_pool) for b in spec.buckets}
+        self.executors = {
+            b.id: BucketExecutor(b, spec, backend, metrics, self._cpu_pool, worker=settings.redis.consumer)
+            for b in spec.buckets
+        }
         self.batchers: dict[str, Batcher[Job]] = {b.id: Batcher(b, lambda job: job.padded_shape) for b in spec.buckets}
         window = pipeline.max_inflight or sum(2 * len(ex.lanes) * ex.bucket.max_batch for ex in self.executors.values())
         self.inflight = Inflight(window)

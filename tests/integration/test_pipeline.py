@@ -57,6 +57,7 @@ async def test_every_job_answered_once_in_shared_batches(redis_url: str, photos:
     assert stop_code == 0
     assert all(r.status == "ok" for r in results.values())
     assert {r.result["attempts"] for r in results.values()} == {1}
+    assert {r.result["worker"] for r in results.values()} == {settings.redis.consumer}
     sizes = [r.result["batch_size"] for r in results.values()]
     assert max(sizes) > 1, "jobs must have shared batches"
     timings = results[ids[0]].result["timings_ms"]
