@@ -9,6 +9,7 @@ error is safe: the enqueue script adds a job id once.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import stat
 import time
@@ -30,11 +31,28 @@ from worker.settings import RedisSettings
 ImageInput = bytes | bytearray | memoryview | str | Path | npt.NDArray[Any]
 #: BLPOP accepts many keys at once; beyond this many we wait in slices to keep commands small
 WAIT_KEYS_PER_CALL = 512
-#: how long ``submit`` keeps retrying while Redis is away
+#: how long ``submit`` keeps retrying one round trip while Redis is away
 SUBMIT_TIMEOUT_S = 30.0
+#: image bytes sent in one pipelined round trip; a larger submission is sent in several, so a
+#: 40,000-image list (1.7 GB) never becomes one write that outlasts the socket timeout
+SUBMIT_CHUNK_BYTES = 32 * 1024 * 1024
 DEFAULT_MAX_IMAGE_BYTES = 64 * 1024 * 1024
 _BACKOFF_FIRST_S, _BACKOFF_CAP_S = 0.05, 1.0
 T = TypeVar("T")
+
+
+def _chunks_by_bytes(requests: list[JobRequest], limit: int) -> Iterable[list[JobRequest]]:
+    """Consecutive runs of requests whose images add up to at most ``limit`` bytes (one at least)."""
+    chunk: list[JobRequest] = []
+    size = 0
+    for request in requests:
+        if chunk and size + len(request.image) > limit:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(request)
+        size += len(request.image)
+    if chunk:
+        yield chunk
 
 
 def read_image_file(path: str | Path, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> bytes:
@@ -159,37 +177,40 @@ class AsyncClient:
         sources: Sequence[str] | None = None,
         timeout_s: float = SUBMIT_TIMEOUT_S,
     ) -> list[str]:
-        """Enqueue many images in one pipelined round trip; returns their job ids in order."""
+        """Enqueue many images, pipelined in round trips of up to ``SUBMIT_CHUNK_BYTES`` of images
+        each (each retried for up to ``timeout_s``); returns their job ids in order. After an
+        error, some chunks may be queued already: submitting the same job ids again is safe."""
         job_ids = job_ids or [None] * len(images)
         sources = sources or [""] * len(images)
         requests = [
             self._request(img, job_id=jid, priority=priority, deadline_s=deadline_s, tensors=tensors, source=src)
             for img, jid, src in zip(images, job_ids, sources, strict=True)
         ]
-
-        async def send() -> None:
-            streams = {self.keys.stream(r.priority, self.keys.shard_of(r.job_id)) for r in requests}
-            async with self.redis.pipeline(transaction=False) as pipe:
-                if self.cluster:  # redis-py refuses script objects in cluster pipelines: plain EVALSHA
-                    if self._enqueue_sha is None:
-                        self._enqueue_sha = await self.redis.script_load(ENQUEUE_SCRIPT)  # on every master
-                    for r in requests:
-                        pipe.execute_command("EVALSHA", self._enqueue_sha, 2, *self._enqueue_call(r))
-                else:
-                    for r in requests:
-                        call = self._enqueue_call(r)
-                        await self._enqueue(keys=call[:2], args=call[2:], client=pipe)
-                waits = self._wait_for_replicas(pipe, streams)
-                try:
-                    replies = await pipe.execute()
-                except NoScriptError:  # a replica took over and has no script cache yet
-                    self._enqueue_sha = None
-                    raise
-            if waits and min(replies[-waits:]) < self.replicas:
-                raise BrokerError(f"only {min(replies[-waits:])} of {self.replicas} replicas have the jobs")
-
-        await self._retrying("enqueue", send, time.monotonic() + timeout_s)
+        for chunk in _chunks_by_bytes(requests, SUBMIT_CHUNK_BYTES):
+            await self._retrying("enqueue", functools.partial(self._send, chunk), time.monotonic() + timeout_s)
         return [r.job_id for r in requests]
+
+    async def _send(self, requests: list[JobRequest]) -> None:
+        """One pipelined round trip: the enqueue script per job, then Redis WAIT when replicas are asked for."""
+        streams = {self.keys.stream(r.priority, self.keys.shard_of(r.job_id)) for r in requests}
+        async with self.redis.pipeline(transaction=False) as pipe:
+            if self.cluster:  # redis-py refuses script objects in cluster pipelines: plain EVALSHA
+                if self._enqueue_sha is None:
+                    self._enqueue_sha = await self.redis.script_load(ENQUEUE_SCRIPT)  # on every master
+                for r in requests:
+                    pipe.execute_command("EVALSHA", self._enqueue_sha, 2, *self._enqueue_call(r))
+            else:
+                for r in requests:
+                    call = self._enqueue_call(r)
+                    await self._enqueue(keys=call[:2], args=call[2:], client=pipe)
+            waits = self._wait_for_replicas(pipe, streams)
+            try:
+                replies = await pipe.execute()
+            except NoScriptError:  # a replica took over and has no script cache yet
+                self._enqueue_sha = None
+                raise
+        if waits and min(replies[-waits:]) < self.replicas:
+            raise BrokerError(f"only {min(replies[-waits:])} of {self.replicas} replicas have the jobs")
 
     def _enqueue_call(self, request: JobRequest) -> list[Any]:
         """The enqueue script's two keys (seen marker, stream), then its arguments."""

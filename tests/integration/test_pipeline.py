@@ -14,6 +14,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
+import worker.client
 from tests.conftest import settings_for
 from tests.support.faulty import POISON_BGR, FaultyFakeBackend
 from tests.support.inprocess import serving
@@ -24,7 +25,7 @@ from worker.broker import Broker, GroupStats
 from worker.buckets import ModelSpec
 from worker.client import AsyncClient
 from worker.metrics import Metrics
-from worker.protocol import Keys
+from worker.protocol import DEFAULT_PRIORITY, JobRequest, Keys
 from worker.service import Service
 from worker.settings import Settings
 
@@ -65,6 +66,31 @@ async def test_every_job_answered_once_in_shared_batches(redis_url: str, photos:
     sync = redis.Redis.from_url(redis_url)
     assert _settled(sync)
     assert all(sync.llen(KEYS.done(j)) == 0 for j in ids)  # the waiter took each job's one notification
+
+
+async def test_a_large_submission_goes_in_round_trips_of_bounded_size(
+    redis_url: str, photos: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A big list is sent in chunks of at most SUBMIT_CHUNK_BYTES of images, in order: sent as one
+    pipeline, 40,000 photos (1.7 GB) outlasted the socket timeout on the H200 machine and failed."""
+    limit = sum(p.stat().st_size for p in photos[:3])
+    monkeypatch.setattr(worker.client, "SUBMIT_CHUNK_BYTES", limit)
+    round_trips: list[tuple[int, int]] = []  # (images, their bytes) of each
+    async with AsyncClient(redis_url) as client:
+        send = client._send
+
+        async def counted(requests: list[JobRequest]) -> None:
+            round_trips.append((len(requests), sum(len(r.image) for r in requests)))
+            await send(requests)
+
+        monkeypatch.setattr(client, "_send", counted)
+        ids = await client.submit_many(photos[:12])
+        again = await client.submit_many(photos[:12], job_ids=ids)  # a retry after an error: nothing new
+    assert again == ids
+    assert sum(count for count, _ in round_trips) == 24 and len(round_trips) >= 8, round_trips
+    assert all(size <= limit or count == 1 for count, size in round_trips), round_trips  # a big photo goes alone
+    entries = redis.Redis.from_url(redis_url).xrange(KEYS.stream(DEFAULT_PRIORITY))
+    assert [fields[b"id"].decode() for _, fields in entries] == ids
 
 
 @pytest.mark.parametrize("mode", ["bug", "transient"])
