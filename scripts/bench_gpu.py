@@ -151,8 +151,10 @@ def worker_run(
         "p50_ms": statistics.median(in_worker),
         "p99_ms": float(np.percentile(in_worker, 99)),
         "mean_batch": len(images) / max(batches, 1),
+        "busy_img_s": run.busy_rate,
         "cores": run.worker_cores,
         "redis_cores": run.redis_cores,
+        "jobs_by_gpu": jobs_by_gpu(run.metrics),
         "processes": processes,
         "gpus": gpus or "",
         "batch_mix": [[*key, round(count)] for key, count in mix.items()],
@@ -262,30 +264,112 @@ def measure(args: argparse.Namespace) -> int:
     return 0
 
 
+def raw_child(args: argparse.Namespace) -> int:
+    """One GPU's raw engine for ``raw_engines``: open it, say so, loop when told, print images/s."""
+    precision_env(args.precision)
+    settings = Settings.load()
+    spec = load_model_spec(SPEC)
+    uniform_shape = ("m512", spec.bucket("m512").max[0], UNIFORM_SIZE[1], UNIFORM_SIZE[0])
+    backend = open_engine(settings, spec, args.contexts)
+    try:
+        batches = real_pixels(settings, spec, [uniform_shape] * 8)
+        loop_lanes(backend, batches, args.contexts, 1.0)  # warm every lane up before the barrier
+        print("ready", flush=True)
+        sys.stdin.readline()
+        print(json.dumps({"img_s": loop_lanes(backend, batches, args.contexts, args.seconds)}), flush=True)
+    finally:
+        backend.close()
+    return 0
+
+
+def raw_engines(devices: list[int], precision: str, contexts: int, seconds: float) -> list[float]:
+    """Images/s of each GPU's raw engine (uniform batches, copies included), all looping at once:
+    what the GPUs give together with no worker in the way. One process per GPU, started together."""
+    import subprocess
+
+    children = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                __file__,
+                "raw-child",
+                *("--precision", precision),
+                *("--contexts", str(contexts)),
+                *("--seconds", str(seconds)),
+            ],
+            env={**os.environ, "IMGWORKER_BACKEND__TENSORRT__DEVICE": str(device)},
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for device in devices
+    ]
+    for child in children:  # the barrier: every engine open and warm before any loop starts
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready", "a raw engine failed"
+    for child in children:
+        assert child.stdin is not None
+        child.stdin.write("go\n")
+        child.stdin.flush()
+    rates = [float(json.loads(child.communicate()[0])["img_s"]) for child in children]
+    assert all(child.returncode == 0 for child in children)
+    return rates
+
+
+def jobs_by_gpu(metrics: dict[Any, float]) -> dict[str, float]:
+    """Jobs each GPU's workers settled, from the supervisor's merged series (label worker=gpuN-...)."""
+    out: dict[str, float] = {}
+    for (name, labels), value in metrics.items():
+        worker = dict(labels).get("worker", "")
+        if name == "imgworker_jobs_completed_total" and worker.startswith("gpu"):
+            gpu = worker.split("-", 1)[0]
+            out[gpu] = out.get(gpu, 0.0) + value
+    return out
+
+
 def scale_gpus(args: argparse.Namespace) -> int:
-    """The uniform corpus on one GPU, then on several, ``--processes`` workers per GPU each time."""
+    """The uniform corpus on one GPU, then on several, ``--processes`` workers per GPU each time;
+    the raw engines first, each GPU alone and all at once. With ``--cpu-share`` the one-GPU run
+    (its workers and Redis) may use only its share of the host's CPUs, as on a machine with one
+    GPU and that many cores; the several-GPU run uses them all."""
     from worker.supervisor import visible_gpus
 
     env = precision_env(args.precision) | {"IMGWORKER_BACKEND__TENSORRT__INSTANCES": str(args.contexts)}
     devices = visible_gpus(args.gpus)
     if len(devices) < 2:
         raise SystemExit(f"--gpus {args.gpus} names {len(devices)} GPU(s); this compares one with several")
+    raw = {
+        "one": raw_engines(devices[:1], args.precision, args.contexts, args.seconds),
+        "all": raw_engines(devices, args.precision, args.contexts, args.seconds),
+    }
+    print(f"raw engine: GPU {devices[0]} alone {raw['one'][0]:.0f} img/s, all at once {raw['all']}", flush=True)
+    host_cpus = sorted(os.sched_getaffinity(0))
     uniform = resized_jpegs(UNIFORM_SIZE, args.jobs)
     runs = {}
     for gpus in (str(devices[0]), ",".join(map(str, devices))):
-        runs[gpus] = run = worker_run(uniform, args.processes, env, gpus=gpus, cluster=args.cluster)
+        one_gpu = "," not in gpus
+        cpus = host_cpus[: len(host_cpus) // len(devices)] if one_gpu and args.cpu_share else host_cpus
+        os.sched_setaffinity(0, cpus)  # the workers and Redis started from here inherit it
+        try:
+            run = worker_run(uniform, args.processes, env, gpus=gpus, cluster=args.cluster)
+        finally:
+            os.sched_setaffinity(0, host_cpus)
+        runs[gpus] = run = {**run, "cpus": len(cpus)}
         print(
-            f"worker, uniform, GPUs {gpus}, {args.processes} processes each: {run['img_s']:.0f} img/s, "
-            f"p50 {run['p50_ms']:.0f} ms, p99 {run['p99_ms']:.0f} ms, {run['cores']:.1f} cores",
+            f"worker, uniform, GPUs {gpus}, {args.processes} processes each, {len(cpus)} CPUs: "
+            f"{run['img_s']:.0f} img/s (all workers busy: {run['busy_img_s']:.0f}), p50 {run['p50_ms']:.0f} ms, "
+            f"p99 {run['p99_ms']:.0f} ms, {run['cores']:.1f} cores, Redis {run['redis_cores']:.1f}, "
+            f"jobs by GPU {run['jobs_by_gpu']}",
             flush=True,
         )
     one, many = runs.values()
     result = {
         "precision": args.precision,
         "date": datetime.date.today().isoformat(),
-        "cpus": len(os.sched_getaffinity(0)),
+        "cpus": len(host_cpus),
+        "cpu_share": args.cpu_share,
         "gpus": len(devices),
         "redis": "a three-master Redis Cluster" if args.cluster else "one redis-server",
+        "raw": raw,
         "one": {k: v for k, v in one.items() if k != "batch_mix"},
         "many": {k: v for k, v in many.items() if k != "batch_mix"},
         "speedup": many["img_s"] / one["img_s"],
@@ -442,24 +526,36 @@ def report(args: argparse.Namespace) -> int:
 
 
 def gpus_section(data: dict[str, Any], source: str) -> list[str]:
+    share = data.get("cpu_share", False)
     lines = [
         "",
         f"## Several GPUs (`scripts/bench_gpu.py gpus --precision {data['precision']}"
-        f"{' --cluster' if 'Cluster' in data.get('redis', '') else ''}`)",
+        f"{' --cluster' if 'Cluster' in data.get('redis', '') else ''}{' --cpu-share' if share else ''}`)",
         "",
         f"The uniform corpus through `imgworker run --gpus`, {data['one']['processes']} worker processes per GPU, "
         f"one engine server per GPU, jobs on {data.get('redis', 'one redis-server')}, on a host with "
-        f"{data['gpus']} GPUs and {data['cpus']} CPU cores, measured {data['date']} ({source}):",
+        f"{data['gpus']} GPUs and {data['cpus']} CPU cores"
+        f"{' (the one-GPU run on its share of them)' if share else ''}, measured {data['date']} ({source}):",
         "",
-        "| GPUs | jobs | images/s | p50 ms | p99 ms | mean batch | worker CPU cores | Redis cores |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| GPUs | CPUs | jobs | images/s | all workers busy | p50 ms | p99 ms | mean batch | worker CPU cores "
+        "| Redis cores |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for count, run in ((1, data["one"]), (data["gpus"], data["many"])):
+        busy = f"{run['busy_img_s']:.0f}" if "busy_img_s" in run else "-"
         lines.append(
-            f"| {count} | {run['jobs']} | {run['img_s']:.0f} | {run['p50_ms']:.0f} | {run['p99_ms']:.0f} | "
-            f"{run['mean_batch']:.1f} | {run['cores']:.1f} | {run['redis_cores']:.2f} |"
+            f"| {count} | {run.get('cpus', data['cpus'])} | {run['jobs']} | {run['img_s']:.0f} | {busy} | "
+            f"{run['p50_ms']:.0f} | {run['p99_ms']:.0f} | {run['mean_batch']:.1f} | {run['cores']:.1f} | "
+            f"{run['redis_cores']:.2f} |"
         )
-    return [*lines, "", f"    {data['gpus']} GPUs over one: {data['speedup']:.2f}x"]
+    lines += ["", f"    {data['gpus']} GPUs over one: {data['speedup']:.2f}x"]
+    if raw := data.get("raw"):
+        together = raw["all"]
+        lines.append(
+            f"    raw engines: {raw['one'][0]:.0f} images/s on one GPU alone, {sum(together):.0f} on all at once "
+            f"({' + '.join(f'{r:.0f}' for r in together)}): {sum(together) / raw['one'][0]:.2f}x"
+        )
+    return lines
 
 
 def redis_section(data: dict[str, Any], png: Path) -> list[str]:
@@ -554,7 +650,16 @@ def main() -> int:
     g.add_argument("--jobs", type=int, default=16000)
     g.add_argument("--contexts", type=int, default=4, help="execution contexts per bucket in each engine")
     g.add_argument("--cluster", action="store_true", help="jobs on a local Redis Cluster (one Redis caps ~6000/s)")
+    g.add_argument("--seconds", type=float, default=5.0, help="of each raw engine run")
+    g.add_argument(
+        "--cpu-share", action="store_true", help="the one-GPU run gets only its share of the CPUs (cpus / GPUs)"
+    )
     g.set_defaults(handler=scale_gpus)
+    c = sub.add_parser("raw-child", help=argparse.SUPPRESS)  # one GPU's engine for `gpus`
+    c.add_argument("--precision", choices=("fp32", "fp16"), required=True)
+    c.add_argument("--contexts", type=int, required=True)
+    c.add_argument("--seconds", type=float, required=True)
+    c.set_defaults(handler=raw_child)
     r = sub.add_parser("report")
     r.add_argument("results", type=Path, nargs="+")
     r.add_argument("--cpu", type=Path, nargs="*", help="bench_cpu.py --json outputs")

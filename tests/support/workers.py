@@ -16,6 +16,7 @@ import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
@@ -175,6 +176,9 @@ class Run:
     #: the steady window, between 10% and 90% of the results: images/s, and CPU cores the worker
     #: (and the redis-server processes, when their pids are given) used on average in it
     steady_rate: float
+    #: images/s while every worker process was busy: from the last one's first result to the first
+    #: one's last (workers that start late, or run dry early, do not count against it)
+    busy_rate: float
     worker_cores: float
     redis_cores: float
     #: CPU seconds the redis-server processes spent taking the submissions (before any worker started)
@@ -294,10 +298,22 @@ def run_jobs(
         ordered,
         metrics,
         steady_rate=(len(done) * 9 // 10 - len(done) // 10) / window,
+        busy_rate=_busy_rate([r.result for r in ordered if r.status == "ok"]),
         worker_cores=(worker_cpu.at(high) - worker_cpu.at(low)) / window,
         redis_cores=(redis_cpu.at(high) - redis_cpu.at(low)) / window if redis_cpu else 0.0,
         redis_submit_core_s=redis_cpu.at(submit_ended) - redis_cpu.at(submit_started) if redis_cpu else 0.0,
     )
+
+
+def _busy_rate(bodies: list[dict[str, Any]]) -> float:
+    """Results per second between the last worker's first result and the first worker's last."""
+    by_worker: dict[str, list[float]] = {}
+    for body in bodies:
+        by_worker.setdefault(body["worker"], []).append(body["finished_ms"] / 1000)
+    start = max(min(times) for times in by_worker.values())
+    end = min(max(times) for times in by_worker.values())
+    inside = sum(1 for times in by_worker.values() for t in times if start < t <= end)
+    return inside / (end - start) if end > start else 0.0
 
 
 def run_on_fresh_redis(
