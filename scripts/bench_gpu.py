@@ -158,7 +158,15 @@ def worker_run(
         "processes": processes,
         "gpus": gpus or "",
         "batch_mix": [[*key, round(count)] for key, count in mix.items()],
+        "stages_ms": stage_medians(ok),
     }
+
+
+def stage_medians(results: list[Any]) -> dict[str, float]:
+    """Median of each step a job's result times (decode, batch wait, inference of its batch...):
+    which step grows when a run slows down, without a profiler."""
+    timings = [r.result["timings_ms"] for r in results]
+    return {step: round(statistics.median(t[step] for t in timings if step in t), 2) for step in timings[0]}
 
 
 def sample_boxes(settings: Settings, spec: ModelSpec, count: int = 40) -> dict[str, list[Any]]:
@@ -358,7 +366,7 @@ def scale_gpus(args: argparse.Namespace) -> int:
             f"worker, uniform, GPUs {gpus}, {args.processes} processes each, {len(cpus)} CPUs: "
             f"{run['img_s']:.0f} img/s (all workers busy: {run['busy_img_s']:.0f}), p50 {run['p50_ms']:.0f} ms, "
             f"p99 {run['p99_ms']:.0f} ms, {run['cores']:.1f} cores, Redis {run['redis_cores']:.1f}, "
-            f"jobs by GPU {run['jobs_by_gpu']}",
+            f"jobs by GPU {run['jobs_by_gpu']}; median ms per step {run['stages_ms']}",
             flush=True,
         )
     one, many = runs.values()
