@@ -159,7 +159,21 @@ def worker_run(
         "gpus": gpus or "",
         "batch_mix": [[*key, round(count)] for key, count in mix.items()],
         "stages_ms": stage_medians(ok),
+        "means_ms": histogram_means(run.metrics),
+        # per worker, against the run's length (jobs / img_s): how long reads waited for room
+        "window_full_s": sum(v for (name, _), v in run.metrics.items() if name == "imgworker_window_full_seconds_total")
+        / (processes * max(len(gpus.split(",")) if gpus else 1, 1)),
     }
+
+
+def histogram_means(metrics: dict[Any, float]) -> dict[str, float]:
+    """Mean of each of the workers' duration histograms, in ms (settle and read round trips...)."""
+    sums: dict[str, list[float]] = {}
+    for (name, _), value in metrics.items():
+        for suffix, index in (("_seconds_sum", 0), ("_seconds_count", 1)):
+            if name.startswith("imgworker_") and name.endswith(suffix):
+                sums.setdefault(name[len("imgworker_") : -len(suffix)], [0.0, 0.0])[index] += value
+    return {name: round(1000 * total / count, 2) for name, (total, count) in sorted(sums.items()) if count}
 
 
 def stage_medians(results: list[Any]) -> dict[str, float]:
@@ -366,7 +380,8 @@ def scale_gpus(args: argparse.Namespace) -> int:
             f"worker, uniform, GPUs {gpus}, {args.processes} processes each, {len(cpus)} CPUs: "
             f"{run['img_s']:.0f} img/s (all workers busy: {run['busy_img_s']:.0f}), p50 {run['p50_ms']:.0f} ms, "
             f"p99 {run['p99_ms']:.0f} ms, {run['cores']:.1f} cores, Redis {run['redis_cores']:.1f}, "
-            f"jobs by GPU {run['jobs_by_gpu']}; median ms per step {run['stages_ms']}",
+            f"jobs by GPU {run['jobs_by_gpu']}; median ms per step {run['stages_ms']}; mean ms {run['means_ms']}; "
+            f"window full {run['window_full_s']:.1f} s per worker",
             flush=True,
         )
     one, many = runs.values()

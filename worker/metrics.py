@@ -64,6 +64,14 @@ class Metrics:
         self.inference = hist("inference_seconds", "One batch on its lane: assembly, copies and execution", ("bucket",))
         self.postprocess = hist("postprocess_seconds", "Boxes and result documents of one batch", ("bucket",))
         self.settle = hist("settle_seconds", "One settle round trip to Redis (results stored and acked)")
+        self.read = hist("read_seconds", "One read from the streams (a blocking wait on an empty queue included)")
+        self.mark = hist("mark_seconds", "A batch's wait to be marked running before it takes its lane (a round trip)")
+        self.window_full = Counter(
+            f"{PREFIX}_window_full_seconds",
+            "Time the intake waited for room in the in-flight window: near 1 per second, jobs in hand "
+            "(not reads) set the pace",
+            registry=r,
+        )
         self.end_to_end = hist("end_to_end_seconds", "Enqueue to result stored", ("bucket", "priority"))
         self.batch_size = hist(
             "batch_size", "Jobs per batch", ("bucket",), buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)

@@ -295,7 +295,9 @@ class Service:
         reclaim_every_s = min(redis.lease_s / 2, max(redis.retry_backoff_s, 0.5))
         next_reclaim = 0.0
         while not self._stopping.is_set():
+            waited = time.perf_counter()
             await self.inflight.wait(lambda: self.inflight.free > 0 or self._stopping.is_set())
+            self.metrics.window_full.inc(time.perf_counter() - waited)
             if self._stopping.is_set():
                 return
             free = self.inflight.free
@@ -306,7 +308,9 @@ class Service:
                     deliveries = await self.broker.reclaim(self.inflight.keys(), free)
                     self.metrics.redeliveries.inc(len(deliveries))
                 if not deliveries:
+                    started = time.perf_counter()
                     deliveries = await self.broker.read(min(free, redis.read_count))
+                    self.metrics.read.observe(time.perf_counter() - started)
                 if not deliveries and burst and not len(self.inflight) and await self.broker.backlog() == 0:
                     logger.info("burst: queue empty and nothing in flight")
                     return
@@ -461,10 +465,12 @@ class Service:
         One round trip per batch. If Redis does not answer, the batch runs unmarked (a death would
         then charge nothing for it) rather than wait: settling will wait for Redis anyway.
         """
+        started = time.perf_counter()
         async with self._marking:  # in order: a later batch's marks must not land before an earlier one's
             waiting, self._waiting = self._waiting, []
             try:
                 await self.broker.mark(running=[job.delivery for job in jobs], waiting=waiting)
+                self.metrics.mark.observe(time.perf_counter() - started)
             except BrokerError as exc:
                 logger.debug("could not mark a batch running: %s", exc)
                 self._waiting = waiting + self._waiting
