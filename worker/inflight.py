@@ -18,7 +18,10 @@ class Inflight:
         self.capacity = capacity
         self._clock = clock
         self._held: dict[str, tuple[Delivery, float]] = {}
-        self._changed = asyncio.Condition()
+        #: tasks waiting for a change, each on its own future
+        self._waiters: set[asyncio.Future[None]] = set()
+        #: room promised to reads still on the wire: what they return is held, never more
+        self.reserved = 0
 
     def __len__(self) -> int:
         return len(self._held)
@@ -28,7 +31,7 @@ class Inflight:
 
     @property
     def free(self) -> int:
-        return max(self.capacity - len(self._held), 0)
+        return max(self.capacity - len(self._held) - self.reserved, 0)
 
     def keys(self) -> set[str]:
         return set(self._held)
@@ -41,22 +44,28 @@ class Inflight:
             raise RuntimeError(f"entry {delivery.key} is held already")
         self._held[delivery.key] = (delivery, self._clock())
 
-    async def release(self, deliveries: list[Delivery]) -> None:
+    def release(self, deliveries: list[Delivery]) -> None:
         for delivery in deliveries:
             self._held.pop(delivery.key, None)
-        async with self._changed:
-            self._changed.notify_all()
+        self.wake()
 
     def held_longer_than(self, seconds: float) -> list[Delivery]:
         now = self._clock()
         return [delivery for delivery, taken in self._held.values() if now - taken > seconds]
 
     async def wait(self, predicate: Callable[[], bool]) -> None:
-        """Until ``predicate`` holds; it is checked again whenever entries are released."""
-        async with self._changed:
-            await self._changed.wait_for(predicate)
+        """Until ``predicate`` holds; it is checked again after every ``wake`` (entries released...)."""
+        while not predicate():
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.add(waiter)
+            try:
+                await waiter
+            finally:
+                self._waiters.discard(waiter)
 
-    async def wake(self) -> None:
-        """Re-check every waiter's predicate (a stop, say)."""
-        async with self._changed:
-            self._changed.notify_all()
+    def wake(self) -> None:
+        """Every waiter checks its predicate again, once the caller next yields: a caller may still
+        change the table (hold what a read brought) before anyone looks."""
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)

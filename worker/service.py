@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -80,6 +80,11 @@ class Service:
         #: decoded entries queued for a lane, to be marked waiting with the next batch's marking
         self._waiting: list[Delivery] = []
         self._marking = asyncio.Lock()
+        #: a suspect is running alone: no reader may take more until it is settled
+        self._alone = False
+        self._next_reclaim = 0.0
+        self._reclaim_every_s = 1.0
+        self._read_share = settings.redis.read_count
         metrics.inflight_capacity.set(window)
 
     # ---- state ----------------------------------------------------------------------------
@@ -102,7 +107,7 @@ class Service:
             self._stop_deadline = time.monotonic() + self.settings.shutdown_grace_s - EXIT_MARGIN_S
             self._stopping.set()
             self.metrics.ready.set(0)
-            asyncio.get_running_loop().create_task(self.inflight.wake())
+            self.inflight.wake()
 
     async def _unless_stopped(self, awaitable: Awaitable[T]) -> tuple[bool, T | None]:
         """(True, result) if it finished first, (False, None) if a stop came first (it is then cancelled)."""
@@ -291,35 +296,72 @@ class Service:
     # ---- intake ----------------------------------------------------------------------------
 
     async def _intake(self, burst: bool) -> None:
+        """``concurrent_reads`` readers share the in-flight window.
+
+        A server sends a large reply 64 KB per turn of its event loop, so on a busy server a read
+        of several megabytes of images takes tens of milliseconds whatever its size: one read at a
+        time caps a worker's intake. Each reader reserves its room before it reads (up to its
+        share of the window, so that every reader can be on the wire at once), and together
+        they never hold more than the window.
+        """
         redis = self.settings.redis
-        reclaim_every_s = min(redis.lease_s / 2, max(redis.retry_backoff_s, 0.5))
-        next_reclaim = 0.0
+        self._reclaim_every_s = min(redis.lease_s / 2, max(redis.retry_backoff_s, 0.5))
+        self._read_share = min(redis.read_count, -(-self.inflight.capacity // redis.concurrent_reads))
+        await asyncio.gather(*(self._reader(burst, first=i == 0) for i in range(redis.concurrent_reads)))
+
+    async def _reader(self, burst: bool, first: bool) -> None:
         while not self._stopping.is_set():
             waited = time.perf_counter()
-            await self.inflight.wait(lambda: self.inflight.free > 0 or self._stopping.is_set())
-            self.metrics.window_full.inc(time.perf_counter() - waited)
+            await self.inflight.wait(lambda: (self.inflight.free > 0 and not self._alone) or self._stopping.is_set())
+            if first:  # every reader waits alike while the window is full: counted once
+                self.metrics.window_full.inc(time.perf_counter() - waited)
             if self._stopping.is_set():
                 return
-            free = self.inflight.free
             try:
-                deliveries: list[Delivery] = []
-                if time.monotonic() >= next_reclaim:
-                    next_reclaim = time.monotonic() + reclaim_every_s
-                    deliveries = await self.broker.reclaim(self.inflight.keys(), free)
-                    self.metrics.redeliveries.inc(len(deliveries))
-                if not deliveries:
-                    started = time.perf_counter()
-                    deliveries = await self.broker.read(min(free, redis.read_count))
-                    self.metrics.read.observe(time.perf_counter() - started)
-                if not deliveries and burst and not len(self.inflight) and await self.broker.backlog() == 0:
-                    logger.info("burst: queue empty and nothing in flight")
+                if not await self._read_and_admit(burst):
                     return
-                self._set_redis(True)
-                await self._admit_all(deliveries)
             except BrokerError as exc:
                 self._set_redis(False)
                 logger.warning("intake failed, retrying: %s", exc)
                 await self._pause(BROKER_RETRY_S)
+
+    async def _read_and_admit(self, burst: bool) -> bool:
+        """Entries reclaimed (every so often, as many as there is room for) or else new ones (up to
+        this reader's share), admitted; False once a burst has run dry."""
+        deliveries: list[Delivery] = []
+        if time.monotonic() >= self._next_reclaim:
+            self._next_reclaim = time.monotonic() + self._reclaim_every_s
+            deliveries = await self._within(self.inflight.free, self._reclaim_entries)
+        if not deliveries and (room := min(self.inflight.free, self._read_share)):
+            deliveries = await self._within(room, self._read_entries)
+        self._set_redis(True)
+        await self._admit_all(deliveries)  # holds what came before its first await
+        if not deliveries and burst and not len(self.inflight) and await self.broker.backlog() == 0:
+            logger.info("burst: queue empty and nothing in flight")
+            return False
+        return True
+
+    async def _within(self, room: int, take: Callable[[int], Awaitable[list[Delivery]]]) -> list[Delivery]:
+        """``take(room)`` with that room kept from the other readers until it returns; the caller
+        holds what came before it awaits anything, so the window is never overrun."""
+        self.inflight.reserved += room
+        try:
+            return await take(room)
+        finally:
+            self.inflight.reserved -= room
+            self.inflight.wake()  # room it left unused: the others look once the caller has held the rest
+
+    async def _reclaim_entries(self, room: int) -> list[Delivery]:
+        """What dead workers left, and this worker's own entries due for a retry."""
+        reclaimed = await self.broker.reclaim(self.inflight.keys(), room)
+        self.metrics.redeliveries.inc(len(reclaimed))
+        return reclaimed
+
+    async def _read_entries(self, room: int) -> list[Delivery]:
+        started = time.perf_counter()
+        deliveries = await self.broker.read(room)
+        self.metrics.read.observe(time.perf_counter() - started)
+        return deliveries
 
     async def _admit_all(self, deliveries: list[Delivery]) -> None:
         """Most entries start at once; a suspect runs alone; a job out of attempts is dead-lettered.
@@ -342,11 +384,25 @@ class Service:
             self.inflight.hold(delivery)
         await self.broker.mark(running=[d for d in ordinary if d.deliveries > 1])  # reclaimed: not marked yet
         self._admit_chunks(ordinary)
+        if suspects:
+            self._alone = True  # the other readers pause until the suspects have run
+            try:
+                await self._run_alone(suspects)
+            finally:
+                self._alone = False
+                self.inflight.wake()
+
+    async def _run_alone(self, suspects: list[Delivery]) -> None:
+        """Each suspect once nothing else is held or being read, and nothing else until it is settled."""
+
+        def alone() -> bool:
+            return (len(self.inflight) == 1 and not self.inflight.reserved) or self._stopping.is_set()
+
         for suspect in suspects:
             if self._stopping.is_set():  # not started: claimable by others, nothing counted
                 return
             self.inflight.hold(suspect)
-            await self.inflight.wait(lambda: len(self.inflight) == 1 or self._stopping.is_set())
+            await self.inflight.wait(alone)
             if self._stopping.is_set():
                 await self.settler.leave([suspect])
                 return

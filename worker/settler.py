@@ -57,7 +57,7 @@ class Settler:
                 self.metrics.end_to_end.labels(s.bucket, priority).observe(max(end_ms - s.enqueued_ms, 0) / 1000)
             if dead:
                 self.metrics.dead_lettered.labels(s.result.code).inc()
-        await self.inflight.release([s.delivery for s in settlements])
+        self.inflight.release([s.delivery for s in settlements])
 
     async def retry_later(self, failed: Sequence[tuple[Delivery, WorkerError]]) -> None:
         """Charge each an attempt and leave it pending: retried after the backoff, or dead-lettered."""
@@ -67,7 +67,7 @@ class Settler:
         await self._until_done("charging attempts", lambda: self.broker.retry_later(charged))
         for _, error in failed:
             self.metrics.retries.labels(error.code).inc()
-        await self.inflight.release([delivery for delivery, _ in failed])
+        self.inflight.release([delivery for delivery, _ in failed])
 
     async def leave(self, deliveries: Sequence[Delivery]) -> None:
         """Left for other workers by a stop: nothing charged. One try: a stop does not wait for Redis."""
@@ -75,4 +75,4 @@ class Settler:
             await self.broker.mark(waiting=deliveries)
         except BrokerError as exc:
             logger.warning("could not unmark %d entries left pending: %s", len(deliveries), exc)
-        await self.inflight.release(list(deliveries))
+        self.inflight.release(list(deliveries))

@@ -239,8 +239,15 @@ async def test_raw_xadd_duplicates_run_twice_and_the_first_settled_result_stays(
     assert _settled(raw)
 
 
-async def test_read_ahead_stays_within_the_window(redis_url: str, photos: list[Path]) -> None:
-    settings = settings_for(redis_url, backend={"fake": {"batch_ms": 20}})
+@pytest.mark.parametrize("max_inflight", [None, 6])
+async def test_read_ahead_stays_within_the_window(redis_url: str, photos: list[Path], max_inflight: int | None) -> None:
+    """However many reads are on the wire at once (four here), what they bring never overflows the window."""
+    settings = settings_for(
+        redis_url,
+        backend={"fake": {"batch_ms": 20}},
+        pipeline={"max_inflight": max_inflight},
+        redis={"concurrent_reads": 4},
+    )
     async with serving(settings) as running, AsyncClient(redis_url) as client:
         window = running.service.inflight.capacity
         ids = await client.submit_many(photos * 2)
@@ -254,8 +261,24 @@ async def test_read_ahead_stays_within_the_window(redis_url: str, photos: list[P
             assert pending <= window + 2, f"{pending} entries pending with a window of {window}"
             await asyncio.sleep(0.01)
         await waiting
-    expected = sum(2 * 2 * b.max_batch for b in running.service.spec.buckets)  # two lanes per bucket
+    expected = max_inflight or sum(2 * 2 * b.max_batch for b in running.service.spec.buckets)  # two lanes per bucket
     assert window == expected and 0 < peak <= window
+
+
+async def test_every_reader_waits_on_the_server_at_once(redis_url: str) -> None:
+    """With nothing queued, each of ``concurrent_reads`` readers blocks in an XREADGROUP of its own: a
+    busy server hands a large reply out 64 KB per turn of its loop, so only reads on the wire together
+    keep a worker's intake up."""
+    settings = settings_for(redis_url, redis={"concurrent_reads": 3, "block_ms": 1500})
+    raw = redis.Redis.from_url(redis_url)
+    seen: list[int] = []
+    async with serving(settings):
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (not seen or seen[-1] < 3):
+            clients = raw.client_list()
+            seen.append(sum(1 for c in clients if c["cmd"] == "xreadgroup" and "b" in c["flags"]))
+            await asyncio.sleep(0.05)
+    assert max(seen) == 3, f"blocked reads seen at once: {sorted(set(seen))}"
 
 
 @pytest.mark.parametrize("max_deliveries", [1, 3])
