@@ -82,9 +82,11 @@ class Service:
         self._marking = asyncio.Lock()
         #: a suspect is running alone: no reader may take more until it is settled
         self._alone = False
+        redis = settings.redis
         self._next_reclaim = 0.0
-        self._reclaim_every_s = 1.0
-        self._read_share = settings.redis.read_count
+        self._reclaim_every_s = min(redis.lease_s / 2, max(redis.retry_backoff_s, 0.5))
+        #: the most one reader asks for: its share of the window, so that every reader can read at once
+        self._read_share = min(redis.read_count, -(-window // redis.concurrent_reads))
         metrics.inflight_capacity.set(window)
 
     # ---- state ----------------------------------------------------------------------------
@@ -304,10 +306,8 @@ class Service:
         share of the window, so that every reader can be on the wire at once), and together
         they never hold more than the window.
         """
-        redis = self.settings.redis
-        self._reclaim_every_s = min(redis.lease_s / 2, max(redis.retry_backoff_s, 0.5))
-        self._read_share = min(redis.read_count, -(-self.inflight.capacity // redis.concurrent_reads))
-        await asyncio.gather(*(self._reader(burst, first=i == 0) for i in range(redis.concurrent_reads)))
+        readers = self.settings.redis.concurrent_reads
+        await asyncio.gather(*(self._reader(burst, first=i == 0) for i in range(readers)))
 
     async def _reader(self, burst: bool, first: bool) -> None:
         while not self._stopping.is_set():
