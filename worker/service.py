@@ -82,8 +82,12 @@ class Service:
         self._marking = asyncio.Lock()
         #: a suspect is running alone: no reader may take more until it is settled
         self._alone = False
+        self._isolating = asyncio.Lock()
+        #: keys of suspects claimed by a reader and waiting for their turn to run alone
+        self._queued_suspects: set[str] = set()
         redis = settings.redis
         self._next_reclaim = 0.0
+        self._reclaiming = False
         self._reclaim_every_s = min(redis.lease_s / 2, max(redis.retry_backoff_s, 0.5))
         #: the most one reader asks for: its share of the window, so that every reader can read at once
         self._read_share = min(redis.read_count, -(-window // redis.concurrent_reads))
@@ -329,9 +333,16 @@ class Service:
         """Entries reclaimed (every so often, as many as there is room for) or else new ones (up to
         this reader's share), admitted; False once a burst has run dry."""
         deliveries: list[Delivery] = []
-        if time.monotonic() >= self._next_reclaim:
-            self._next_reclaim = time.monotonic() + self._reclaim_every_s
-            deliveries = await self._within(self.inflight.free, self._reclaim_entries)
+        if time.monotonic() >= self._next_reclaim and not self._reclaiming:
+            # one reclaim at a time; while each fills all the room it had, the next goes first again:
+            # a dead worker's entries (older than anything new) are taken back at the pace room frees
+            self._reclaiming, room = True, self.inflight.free
+            try:
+                deliveries = await self._within(room, self._reclaim_entries)
+            finally:
+                self._reclaiming = False
+            if len(deliveries) < room:
+                self._next_reclaim = time.monotonic() + self._reclaim_every_s
         if not deliveries and (room := min(self.inflight.free, self._read_share)):
             deliveries = await self._within(room, self._read_entries)
         self._set_redis(True)
@@ -353,7 +364,7 @@ class Service:
 
     async def _reclaim_entries(self, room: int) -> list[Delivery]:
         """What dead workers left, and this worker's own entries due for a retry."""
-        reclaimed = await self.broker.reclaim(self.inflight.keys(), room)
+        reclaimed = await self.broker.reclaim(self.inflight.keys() | self._queued_suspects, room)
         self.metrics.redeliveries.inc(len(reclaimed))
         return reclaimed
 
@@ -382,15 +393,19 @@ class Service:
                 (suspects if delivery.suspect else ordinary).append(delivery)
         for delivery in ordinary:
             self.inflight.hold(delivery)
-        await self.broker.mark(running=[d for d in ordinary if d.deliveries > 1])  # reclaimed: not marked yet
+        self._queued_suspects.update(d.key for d in suspects)  # claimed, not held: no reader may reclaim them
+        await self._mark_or_run_unmarked([d for d in ordinary if d.deliveries > 1])  # reclaimed: not marked yet
         self._admit_chunks(ordinary)
         if suspects:
-            self._alone = True  # the other readers pause until the suspects have run
-            try:
-                await self._run_alone(suspects)
-            finally:
-                self._alone = False
-                self.inflight.wake()
+            # one reader's suspects at a time: two sets each waiting to be alone would wait forever
+            async with self._isolating:
+                self._alone = True  # the other readers pause until the suspects have run
+                try:
+                    await self._run_alone(suspects)
+                finally:
+                    self._alone = False
+                    self._queued_suspects.difference_update(d.key for d in suspects)  # those not started
+                    self.inflight.wake()
 
     async def _run_alone(self, suspects: list[Delivery]) -> None:
         """Each suspect once nothing else is held or being read, and nothing else until it is settled."""
@@ -401,15 +416,24 @@ class Service:
         for suspect in suspects:
             if self._stopping.is_set():  # not started: claimable by others, nothing counted
                 return
+            self._queued_suspects.discard(suspect.key)
             self.inflight.hold(suspect)
             await self.inflight.wait(alone)
             if self._stopping.is_set():
                 await self.settler.leave([suspect])
                 return
-            await self.broker.mark(running=[suspect])
+            await self._mark_or_run_unmarked([suspect])
             self.metrics.isolated_runs.inc()
             self._admit_chunks([suspect])
             await self.inflight.wait(lambda: len(self.inflight) == 0 or self._stopping.is_set())
+
+    async def _mark_or_run_unmarked(self, deliveries: list[Delivery]) -> None:
+        """Held entries marked running; if Redis does not answer they run unmarked (a death then
+        charges nothing), as a batch does: left held and never run, they would fill the window."""
+        try:
+            await self.broker.mark(running=deliveries)
+        except BrokerError as exc:
+            logger.debug("could not mark %d entries running: %s", len(deliveries), exc)
 
     async def _dead_letter(self, delivery: Delivery) -> None:
         job_id = valid_job_id(delivery.fields.get(b"id")) or delivery.entry_id

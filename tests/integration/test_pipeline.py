@@ -318,6 +318,36 @@ async def test_a_dead_worker_charges_only_the_job_it_ran_alone_and_its_suspects_
     assert not raw.hgetall(KEYS.attempts(stream)) and not raw.exists(KEYS.running(stream, "dead-worker"))
 
 
+async def test_suspects_claimed_by_two_readers_at_once_run_alone_one_after_another(
+    redis_url: str, photos: list[Path]
+) -> None:
+    """Two readers can each hold freshly claimed suspects (slow reclaims overlap while a master fails
+    over): each set runs alone in its turn; each waiting for the other to be gone would wait forever."""
+    raw = redis.Redis.from_url(redis_url)
+    async with AsyncClient(redis_url) as client:
+        ids = await client.submit_many([photos[0]] * 4)
+    stream = KEYS.stream(1)
+    raw.xgroup_create(stream, "workers", id="0", mkstream=True)
+    entries = raw.xreadgroup("workers", "dead-worker", {stream: ">"}, count=4)[0][1]
+    raw.hset(KEYS.running(stream, "dead-worker"), mapping={e[0].decode(): "batched" for e in entries})
+    time.sleep(1.1)  # idle past half the 2 s lease, which the dead worker never held
+    # claimed under the worker's name, they are its own entries: its readers leave them alone for the 30 s backoff
+    settings = settings_for(redis_url, redis={"consumer": "worker-a", "retry_backoff_s": 30, "concurrent_reads": 2})
+    claimer = Broker(settings.redis)
+    try:
+        await claimer.ensure_groups()
+        suspects = await claimer.reclaim(set(), 10)
+    finally:
+        await claimer.aclose()
+    assert len(suspects) == 4 and all(d.suspect for d in suspects)
+    async with serving(settings) as running, AsyncClient(redis_url) as client:
+        admit = running.service._admit_all  # what each reader does with what its reclaim brought
+        await asyncio.wait_for(asyncio.gather(admit(suspects[:2]), admit(suspects[2:])), 20)
+        results = await client.wait_many(ids, timeout_s=30)
+    assert all(r.status == "ok" and r.result["batch_size"] == 1 for r in results.values()), results
+    assert running.metrics.registry.get_sample_value("imgworker_isolated_runs_total") == 4
+
+
 async def test_a_stop_during_warm_up_ends_within_the_grace_period(redis_url: str) -> None:
     settings = settings_for(redis_url, backend={"fake": {"batch_ms": 3000}}, shutdown_grace_s=2)
     async with serving(settings, wait_ready=False) as running:
