@@ -162,7 +162,7 @@ def worker_run(
         "means_ms": histogram_means(run.metrics),
         # per worker, against the run's length (jobs / img_s): how long reads waited for room
         "window_full_s": sum(v for (name, _), v in run.metrics.items() if name == "imgworker_window_full_seconds_total")
-        / (processes * max(len(gpus.split(",")) if gpus else 1, 1)),
+        / (processes * (len(gpus.split(",")) if gpus else 1)),
     }
 
 
@@ -226,7 +226,7 @@ def measure(args: argparse.Namespace) -> int:
     meta = json.loads(plan.with_suffix(".json").read_text())
     print(f"plan {plan.name}: built in {meta['build_s']} s, found in {time.monotonic() - started:.1f} s", flush=True)
 
-    uniform_shape = ("m512", spec.bucket("m512").max[0], UNIFORM_SIZE[1], UNIFORM_SIZE[0])
+    uniform_shape = uniform_batch_shape(spec)
     backend = open_engine(settings, spec, max(CONTEXTS))
     try:
         info = backend.describe()
@@ -286,12 +286,17 @@ def measure(args: argparse.Namespace) -> int:
     return 0
 
 
+def uniform_batch_shape(spec: ModelSpec) -> tuple[str, int, int, int]:
+    """(bucket, n, h, w) of a full batch of the uniform corpus: the m512 bucket's max batch, no padding."""
+    return ("m512", spec.bucket("m512").max[0], UNIFORM_SIZE[1], UNIFORM_SIZE[0])
+
+
 def raw_child(args: argparse.Namespace) -> int:
     """One GPU's raw engine for ``raw_engines``: open it, say so, loop when told, print images/s."""
     precision_env(args.precision)
     settings = Settings.load()
     spec = load_model_spec(SPEC)
-    uniform_shape = ("m512", spec.bucket("m512").max[0], UNIFORM_SIZE[1], UNIFORM_SIZE[0])
+    uniform_shape = uniform_batch_shape(spec)
     backend = open_engine(settings, spec, args.contexts)
     try:
         batches = real_pixels(settings, spec, [uniform_shape] * 8)
@@ -367,9 +372,9 @@ def scale_gpus(args: argparse.Namespace) -> int:
     host_cpus = sorted(os.sched_getaffinity(0))
     uniform = resized_jpegs(UNIFORM_SIZE, args.jobs)
     runs = {}
-    for gpus in (str(devices[0]), ",".join(map(str, devices))):
-        one_gpu = "," not in gpus
-        cpus = host_cpus[: len(host_cpus) // len(devices)] if one_gpu and args.cpu_share else host_cpus
+    for group in (devices[:1], devices):
+        gpus = ",".join(map(str, group))
+        cpus = host_cpus[: len(host_cpus) // len(devices)] if len(group) == 1 and args.cpu_share else host_cpus
         os.sched_setaffinity(0, cpus)  # the workers and Redis started from here inherit it
         try:
             run = worker_run(uniform, args.processes, env, gpus=gpus, cluster=args.cluster)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from worker.protocol import Delivery
 
@@ -48,6 +49,17 @@ class Inflight:
         for delivery in deliveries:
             self._held.pop(delivery.key, None)
         self.wake()
+
+    @contextmanager
+    def reserving(self, room: int) -> Iterator[None]:
+        """``room`` kept from ``free`` while a read is on the wire. Whoever reserved holds what came
+        before it next awaits, so the window is never overrun; room left unused wakes the others."""
+        self.reserved += room
+        try:
+            yield
+        finally:
+            self.reserved -= room
+            self.wake()
 
     def held_longer_than(self, seconds: float) -> list[Delivery]:
         now = self._clock()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -80,8 +80,7 @@ class Service:
         #: decoded entries queued for a lane, to be marked waiting with the next batch's marking
         self._waiting: list[Delivery] = []
         self._marking = asyncio.Lock()
-        #: a suspect is running alone: no reader may take more until it is settled
-        self._alone = False
+        #: held while suspects run alone: no reader may take more until they are settled
         self._isolating = asyncio.Lock()
         #: keys of suspects claimed by a reader and waiting for their turn to run alone
         self._queued_suspects: set[str] = set()
@@ -316,7 +315,7 @@ class Service:
     async def _reader(self, burst: bool, first: bool) -> None:
         while not self._stopping.is_set():
             waited = time.perf_counter()
-            await self.inflight.wait(lambda: (self.inflight.free > 0 and not self._alone) or self._stopping.is_set())
+            await self.inflight.wait(self._may_read)
             if first:  # every reader waits alike while the window is full: counted once
                 self.metrics.window_full.inc(time.perf_counter() - waited)
             if self._stopping.is_set():
@@ -329,6 +328,10 @@ class Service:
                 logger.warning("intake failed, retrying: %s", exc)
                 await self._pause(BROKER_RETRY_S)
 
+    def _may_read(self) -> bool:
+        """Room in the window and no suspect running alone (or a stop, which ends the reader)."""
+        return (self.inflight.free > 0 and not self._isolating.locked()) or self._stopping.is_set()
+
     async def _read_and_admit(self, burst: bool) -> bool:
         """Entries reclaimed (every so often, as many as there is room for) or else new ones (up to
         this reader's share), admitted; False once a burst has run dry."""
@@ -338,29 +341,21 @@ class Service:
             # a dead worker's entries (older than anything new) are taken back at the pace room frees
             self._reclaiming, room = True, self.inflight.free
             try:
-                deliveries = await self._within(room, self._reclaim_entries)
+                with self.inflight.reserving(room):
+                    deliveries = await self._reclaim_entries(room)
             finally:
                 self._reclaiming = False
             if len(deliveries) < room:
                 self._next_reclaim = time.monotonic() + self._reclaim_every_s
         if not deliveries and (room := min(self.inflight.free, self._read_share)):
-            deliveries = await self._within(room, self._read_entries)
+            with self.inflight.reserving(room):
+                deliveries = await self._read_entries(room)
         self._set_redis(True)
         await self._admit_all(deliveries)  # holds what came before its first await
         if not deliveries and burst and not len(self.inflight) and await self.broker.backlog() == 0:
             logger.info("burst: queue empty and nothing in flight")
             return False
         return True
-
-    async def _within(self, room: int, take: Callable[[int], Awaitable[list[Delivery]]]) -> list[Delivery]:
-        """``take(room)`` with that room kept from the other readers until it returns; the caller
-        holds what came before it awaits anything, so the window is never overrun."""
-        self.inflight.reserved += room
-        try:
-            return await take(room)
-        finally:
-            self.inflight.reserved -= room
-            self.inflight.wake()  # room it left unused: the others look once the caller has held the rest
 
     async def _reclaim_entries(self, room: int) -> list[Delivery]:
         """What dead workers left, and this worker's own entries due for a retry."""
@@ -398,14 +393,12 @@ class Service:
         self._admit_chunks(ordinary)
         if suspects:
             # one reader's suspects at a time: two sets each waiting to be alone would wait forever
-            async with self._isolating:
-                self._alone = True  # the other readers pause until the suspects have run
-                try:
+            try:
+                async with self._isolating:  # the other readers pause until the suspects have run
                     await self._run_alone(suspects)
-                finally:
-                    self._alone = False
-                    self._queued_suspects.difference_update(d.key for d in suspects)  # those not started
-                    self.inflight.wake()
+            finally:
+                self._queued_suspects.difference_update(d.key for d in suspects)  # those not started
+                self.inflight.wake()  # the lock is free again: waiting readers look
 
     async def _run_alone(self, suspects: list[Delivery]) -> None:
         """Each suspect once nothing else is held or being read, and nothing else until it is settled."""
