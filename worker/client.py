@@ -271,7 +271,8 @@ class AsyncClient:
             try:
                 with mapped("wait", self.url):
                     if check_all:
-                        await self._collect(pending, results, on_result)
+                        if found := await self._collect(pending, results, on_result):
+                            await self._drain_done(found)  # found by looking: their notifications go too
                         check_all = False
                         continue
                     if left is not None and left <= 0:
@@ -320,7 +321,9 @@ class AsyncClient:
 
     async def _collect(
         self, job_ids: list[str], into: dict[str, JobResult], on_result: Callable[[str, JobResult], None] | None
-    ) -> None:
+    ) -> list[str]:
+        """Fetches the results of these jobs that are stored; returns the ids newly collected."""
+        found: list[str] = []
         async with self.redis.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
                 pipe.hgetall(self.keys.result(job_id))
@@ -328,8 +331,10 @@ class AsyncClient:
         for job_id, fields in zip(job_ids, replies, strict=True):
             if fields and job_id not in into:
                 into[job_id] = JobResult.decode(fields)
+                found.append(job_id)
                 if on_result is not None:
                     on_result(job_id, into[job_id])
+        return found
 
     async def live_workers(self) -> int:
         """Workers holding a live lease under this prefix (0: nobody will consume what is submitted)."""
