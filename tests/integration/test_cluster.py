@@ -159,7 +159,9 @@ async def test_a_connection_closed_under_a_call_is_redis_going_away_not_a_crash(
     Under a failover that ended a worker ("a pipeline task failed") with jobs in hand; it must be
     retried like a connection error. An AttributeError of our own stays a bug."""
     closed = aioredis.connection.Connection(port=free_port())  # no stream, as after a concurrent disconnect
-    with pytest.raises(BrokerError, match="closed under it"), mapped("settle"):
+    # redis-py < 8.2 fails there with an AttributeError, 8.2 with its own ConnectionError: either
+    # way the worker sees a BrokerError (retried), whatever redis-py's words
+    with pytest.raises(BrokerError), mapped("settle"):
         await closed._send_packed_command([b"PING"])
     with pytest.raises(AttributeError), mapped("settle"):
         _ = object().writelines  # type: ignore[attr-defined]
