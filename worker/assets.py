@@ -1,11 +1,13 @@
 """``fetch-assets``: the real model and photos, downloaded by package name, checked by sha256, cached.
 
 Nothing fetched here is committed; everything lands under ``Settings.assets_dir``:
-``models/`` (the ONNX file and the fake backend's recorded map), ``photos/`` (real photos) and,
-for the tests only, more photos and ``edge/`` (decoder edge cases and hostile files).
+``models/`` (the ONNX file and the fake backend's recorded map), ``demo/`` (photos with text in
+them, what the demo and the images serve) and, for the tests only, ``photos/`` (every real photo)
+and ``edge/`` (decoder edge cases and hostile files).
 
-The demo needs PyPI alone (two wheels, ~29 MB), so it works wherever pip does. The test material
-adds Debian 12's ``opencv-doc`` package (~96 MB, through apt) and Pillow's source archive (~47 MB).
+The demo takes its photos from two wheels on PyPI (~29 MB) and Debian 12's ``opencv-doc`` package
+(~92 MB, through apt): where apt cannot get that package, the demo says so and keeps the one text
+photo of the wheels. The test material adds Pillow's source archive (~45 MB).
 """
 
 from __future__ import annotations
@@ -72,6 +74,16 @@ PILLOW_SDIST = Package(
 MODEL_MEMBER = "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx"
 #: the real photo the fake backend's probability map is recorded from (scanned text: many boxes)
 RECORDING_PHOTO = "skimage-page.png"
+#: the demo's photos: signs, printed pages and puzzles, each with text the detector finds
+DEMO_OPENCV_PHOTOS = (
+    *(f"text/scenetext0{n}.jpg" for n in range(1, 7)),
+    "data/imageTextN.png",
+    "data/imageTextR.png",
+    "data/sudoku.png",
+    "data/messi5.jpg",
+    "data/box.png",
+    "ximgproc/stanford.png",
+)
 OPENCV_PHOTO_DIRS = ("data", "text", "hfs/data", "fuzzy", "ximgproc", "reg")
 #: Pillow's test images the tests use: formats, layouts, and files built to break decoders
 EDGE_CASES = (
@@ -201,10 +213,42 @@ def _record_fake_map(model_file: Path, photo: Path) -> None:
         record_probability_map(load_model_spec(DEFAULT_SPEC), model_file, photo.read_bytes())
 
 
+def _opencv_examples(downloads: Path, into: Path) -> Path:
+    """Debian's opencv-doc unpacked into ``into``; returns its examples folder."""
+    _run(["dpkg-deb", "-x", str(_download(OPENCV_DOC, downloads)), str(into)], into)
+    return into / "usr/share/doc/opencv-doc/examples"
+
+
+def _skimage_photos(downloads: Path, into: Path, names: frozenset[str] | None = None) -> None:
+    """scikit-image's bundled photos (those named, or all) as ``skimage-<name>``."""
+    into.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(_download(SCIKIT_IMAGE, downloads)) as wheel:
+        for entry in wheel.namelist():
+            name = Path(entry).name
+            photo = entry.startswith("skimage/data/") and Path(entry).suffix.lower() in PHOTO_SUFFIXES
+            if photo and (names is None or name in names):
+                (into / f"skimage-{name}").write_bytes(wheel.read(entry))
+
+
+def _fetch_demo(downloads: Path, demo: Path) -> None:
+    """The demo's photos; complete once opencv-doc's are in (tried again on the next fetch)."""
+    _skimage_photos(downloads, demo, frozenset({RECORDING_PHOTO.removeprefix("skimage-")}))
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            examples = _opencv_examples(downloads, Path(tmp))
+            for member in DEMO_OPENCV_PHOTOS:
+                shutil.copyfile(examples / member, demo / f"opencv-{member.replace('/', '-')}")
+    except (OSError, subprocess.CalledProcessError) as exc:  # not a Debian 12 apt, or no dpkg-deb
+        logger.warning("opencv-doc is not available here (%s): the demo has one photo with text", exc)
+        return
+    (demo / ".complete").touch()
+
+
 def fetch_assets(assets_dir: Path, test_material: bool = False) -> dict[str, int]:
     """Download (cached), verify and unpack; returns how many files each part holds."""
     downloads = assets_dir / "downloads"
-    models, photos, edge = assets_dir / "models", assets_dir / "photos", assets_dir / "edge"
+    models, demo = assets_dir / "models", assets_dir / "demo"
+    photos, edge = assets_dir / "photos", assets_dir / "edge"
 
     model_file = models / Path(MODEL_MEMBER).name
     if not model_file.is_file():
@@ -212,20 +256,14 @@ def fetch_assets(assets_dir: Path, test_material: bool = False) -> dict[str, int
         with zipfile.ZipFile(_download(RAPIDOCR, downloads)) as wheel:
             model_file.write_bytes(wheel.read(MODEL_MEMBER))
 
-    if not (photos / ".demo-complete").is_file():
-        photos.mkdir(parents=True, exist_ok=True)
-        with zipfile.ZipFile(_download(SCIKIT_IMAGE, downloads)) as wheel:
-            for entry in wheel.namelist():
-                if entry.startswith("skimage/data/") and Path(entry).suffix.lower() in PHOTO_SUFFIXES:
-                    (photos / f"skimage-{Path(entry).name}").write_bytes(wheel.read(entry))
-        (photos / ".demo-complete").touch()
-    _record_fake_map(model_file, photos / RECORDING_PHOTO)
+    if not (demo / ".complete").is_file():
+        _fetch_demo(downloads, demo)
+    _record_fake_map(model_file, demo / RECORDING_PHOTO)
 
     if test_material and not (photos / ".complete").is_file():
+        _skimage_photos(downloads, photos)
         with tempfile.TemporaryDirectory() as tmp:
-            deb = _download(OPENCV_DOC, downloads)
-            _run(["dpkg-deb", "-x", str(deb), tmp], Path(tmp))
-            examples = Path(tmp) / "usr/share/doc/opencv-doc/examples"
+            examples = _opencv_examples(downloads, Path(tmp))
             for sub in OPENCV_PHOTO_DIRS:
                 _copy_images(examples / sub, photos, f"opencv-{sub.replace('/', '-')}-")
         (photos / ".complete").touch()
@@ -240,8 +278,12 @@ def fetch_assets(assets_dir: Path, test_material: bool = False) -> dict[str, int
                 (edge / image_name.replace("/", "-")).write_bytes(member.read())
         (edge / ".complete").touch()
 
+    def count(folder: Path) -> int:
+        return len([p for p in folder.iterdir() if p.suffix.lower() in PHOTO_SUFFIXES]) if folder.is_dir() else 0
+
     return {
         "models": len(list(models.glob("*.onnx"))),
-        "photos": len([p for p in photos.iterdir() if p.suffix.lower() in PHOTO_SUFFIXES]),
+        "demo photos": count(demo),
+        "test photos": count(photos),
         "edge": len(list(edge.glob("*.*"))) if edge.is_dir() else 0,
     }
