@@ -25,7 +25,9 @@ trap cleanup EXIT
 
 echo "== build (target cpu)"
 started=$(date +%s)
-"$engine" build -t "$tag" --target cpu ${BASE_IMAGE:+--build-arg BASE_IMAGE="$BASE_IMAGE"} . >"$work/build.log" 2>&1 \
+format=(); [ "$(basename "$engine")" = podman ] && format=(--format docker)  # OCI would drop HEALTHCHECK
+"$engine" build "${format[@]}" -t "$tag" --target cpu ${BASE_IMAGE:+--build-arg BASE_IMAGE="$BASE_IMAGE"} . \
+  >"$work/build.log" 2>&1 \
   || { tail -40 "$work/build.log"; exit 1; }
 echo "built $tag in $(( $(date +%s) - started )) s: $("$engine" image inspect "$tag" --format '{{.Size}}' | awk '{printf "%.0f MB", $1 / 1e6}')"
 
@@ -47,8 +49,8 @@ for _ in $(seq 300); do
 done
 echo "ready; running as uid $("$engine" exec "$name" id -u)"
 
-echo "== enqueue the sample photos"
-photos=$(.venv/bin/python -c 'from worker.settings import Settings; print(Settings().assets_dir / "photos")')
+echo "== enqueue the demo photos"
+photos=$(.venv/bin/python -c 'from worker.settings import Settings; print(Settings().assets_dir / "demo")')
 .venv/bin/python -m worker enqueue --redis-url "redis://127.0.0.1:$redis_port/0" --wait --json --timeout 600 \
   "$photos" >"$work/results.jsonl"
 total=$(wc -l <"$work/results.jsonl")

@@ -185,3 +185,80 @@ def test_the_cluster_compose_overlay_puts_every_worker_on_the_sharded_cluster() 
         assert env["IMGWORKER_REDIS__CLUSTER"] == "true" and int(env["IMGWORKER_REDIS__SHARDS"]) > 1
         assert env["IMGWORKER_REDIS__URL"].startswith("redis://redis-node-")
         assert services[worker]["depends_on"]["redis-cluster-create"]["condition"] == "service_completed_successfully"
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+def test_the_compose_stack_serves_jobs_beside_a_redis_on_the_default_port(tmp_path: Path) -> None:
+    """compose.yaml as a user runs it with podman-compose, on a machine where a Redis already holds
+    port 6379 (CI's does): the images built here (the worker's with its health check kept), Redis
+    reached by service name, the demo photos enqueued inside the worker's container."""
+    from tests.support.containers import REDIS_IMAGE, WORKER_IMAGE, build_images, podman_env
+
+    env = podman_env(tmp_path)
+    size = build_images(env)
+    print(f"cpu image: {size / 1e6:.0f} MB")
+    assert size <= 450e6, f"the cpu image is {size / 1e6:.0f} MB"
+    healthcheck = subprocess.run(
+        ["podman", "image", "inspect", WORKER_IMAGE, "--format", "{{json .Config.Healthcheck}}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "/healthz" in healthcheck, healthcheck
+    compose = [_tool("podman-compose"), "-p", f"imgworker-test-{free_port()}", "-f", "compose.yaml"]
+    config = yaml.safe_load(
+        subprocess.run([*compose, "config"], cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout
+    )
+    assert "ports" not in config["services"]["redis"]
+    assert config["services"]["redis"]["image"] in ("redis:7", REDIS_IMAGE)
+    metrics_port = free_port()
+    up_env = {**env, "WORKER_METRICS_PORT": str(metrics_port)}
+    try:
+        up = subprocess.run(
+            [*compose, "up", "-d", "redis", "worker"],
+            cwd=REPO,
+            env=up_env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+        deadline = time.monotonic() + 180
+        while not _answers(f"http://127.0.0.1:{metrics_port}/readyz"):
+            if time.monotonic() > deadline:
+                logs = subprocess.run([*compose, "logs", "worker"], cwd=REPO, env=env, capture_output=True, check=False)
+                pytest.fail(f"the worker never became ready:\n{logs.stdout.decode()[-3000:]}")
+            time.sleep(1)
+        enqueue = subprocess.run(
+            [
+                *compose,
+                "exec",
+                "-T",
+                "worker",
+                "imgworker",
+                "enqueue",
+                "--wait",
+                "--json",
+                "/opt/imgworker-assets/demo",
+            ],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        lines = [json.loads(line) for line in enqueue.stdout.splitlines() if line.startswith("{")]
+        assert enqueue.returncode == 0 and len(lines) >= 13, enqueue.stdout[-3000:] + enqueue.stderr[-3000:]
+        assert all(line["status"] == "ok" and line["result"]["boxes"] for line in lines), lines
+    finally:
+        subprocess.run([*compose, "down", "-v"], cwd=REPO, env=env, capture_output=True, timeout=120, check=False)
