@@ -15,20 +15,25 @@ Delivery guarantees:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
-from worker.connection import broker_error, connect, keys_for, mapped
+from worker.connection import PROBE_TIMEOUT_S, broker_error, connect, keys_for, mapped
 from worker.protocol import (
     CHARGE_SCRIPT,
+    ENSURE_GROUP_SCRIPT,
     FORGET_CONSUMER_SCRIPT,
+    HEARTBEAT_SCRIPT,
+    MARK_SCRIPT,
     PRIORITIES,
     READ_SCRIPT,
+    RETRY_LATER_SCRIPT,
     SETTLE_SCRIPT,
     Delivery,
     Settlement,
@@ -36,6 +41,15 @@ from worker.protocol import (
 from worker.settings import RedisSettings
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Settled:
+    """What a settle call did: results written, and settlements whose result key was not ours
+    (dead-lettered with ``foreign_result_key``, no result stored)."""
+
+    written: int
+    foreign: list[Settlement]
 
 
 @dataclass(frozen=True)
@@ -68,14 +82,28 @@ class Broker:
         self.keys = keys_for(settings)
         self.consumer = settings.consumer
         self.redis: Any = connect(settings)  # Redis, or RedisCluster: the same commands
+        self._probe: Any = connect(settings, probe=True)  # its own connection: never queued behind reads
         self._next_shard = 0
         self._settle = self.redis.register_script(SETTLE_SCRIPT)
         self._forget_consumer = self.redis.register_script(FORGET_CONSUMER_SCRIPT)
         self._charge = self.redis.register_script(CHARGE_SCRIPT)
         self._read = self.redis.register_script(READ_SCRIPT)
+        self._heartbeat = self.redis.register_script(HEARTBEAT_SCRIPT)
+        self._ensure_group = self.redis.register_script(ENSURE_GROUP_SCRIPT)
+        self._mark = self.redis.register_script(MARK_SCRIPT)
+        self._retry_later = self.redis.register_script(RETRY_LATER_SCRIPT)
 
     async def aclose(self) -> None:
         await self.redis.aclose()
+        await self._probe.aclose()
+
+    async def answers(self) -> bool:
+        """Whether Redis answers a PING within PROBE_TIMEOUT_S: what readiness means."""
+        try:
+            async with asyncio.timeout(PROBE_TIMEOUT_S):
+                return bool(await self._probe.ping())
+        except (RedisError, RedisClusterException, OSError, TimeoutError):
+            return False
 
     async def _call(self, what: str, coro: Any) -> Any:
         """Await a Redis call; failures become BrokerError (or ConfigError for refused credentials)."""
@@ -97,16 +125,13 @@ class Broker:
     async def ensure_groups(self) -> None:
         """Create the consumer group on every priority stream (from id 0: earlier jobs count too)."""
         for stream in self.keys.streams:
-            with mapped(f"group creation on {stream}", self.settings.url):
-                try:
-                    await self.redis.xgroup_create(stream, self.settings.group, id="0", mkstream=True)
-                except ResponseError as exc:
-                    if "BUSYGROUP" not in str(exc):
-                        raise
+            await self._call(
+                f"group creation on {stream}", self._ensure_group(keys=[stream], args=[self.settings.group])
+            )
 
     async def heartbeat(self) -> None:
         lease_ms = int(self.settings.lease_s * 1000)
-        await self._call("heartbeat", self.redis.set(self.keys.lease(self.consumer), b"1", px=lease_ms))
+        await self._call("heartbeat", self._heartbeat(keys=[self.keys.lease(self.consumer)], args=[lease_ms]))
 
     async def release(self) -> None:
         """Drop the lease so others may reclaim what this worker leaves pending at once; forget it if idle."""
@@ -179,31 +204,30 @@ class Broker:
         A suspect runs alone (the service sees to it), so a death then charges it an attempt.
         (``read`` marks what it returns as running, atomically with the read.)
         """
+        marks: dict[str, tuple[list[str], list[str]]] = defaultdict(lambda: ([], []))
+        for delivery in waiting:
+            marks[delivery.stream][0].append(delivery.entry_id)
+        for delivery in running:
+            marks[delivery.stream][1].extend([delivery.entry_id, "alone" if delivery.suspect else "batched"])
 
-        def queue(pipe: Any) -> None:
-            for stream, ids in _by_stream(waiting).items():
-                pipe.hdel(self.keys.running(stream, self.consumer), *ids)
-            how: dict[str, dict[str, str]] = defaultdict(dict)
-            for delivery in running:
-                how[delivery.stream][delivery.entry_id] = "alone" if delivery.suspect else "batched"
-            for stream, marks in how.items():
-                pipe.hset(self.keys.running(stream, self.consumer), mapping=marks)
-
-        if running or waiting:
-            await self._call("mark running", self._pipelined(queue))
+        if marks:  # a script call per stream, concurrently (scripts cannot go in a cluster pipeline)
+            calls = [
+                self._mark(keys=[self.keys.running(stream, self.consumer)], args=[len(unmarked), *unmarked, *marked])
+                for stream, (unmarked, marked) in marks.items()
+            ]
+            await self._call("mark running", asyncio.gather(*calls))
 
     async def retry_later(self, failed: Sequence[tuple[Delivery, str]]) -> None:
         """Charge one failed attempt each (with its error) and leave them pending for a retry."""
-
-        def queue(pipe: Any) -> None:
-            for delivery, error in failed:
-                attempts = self.keys.attempts(delivery.stream)
-                pipe.hincrby(attempts, delivery.entry_id, 1)
-                pipe.hset(attempts, f"{delivery.entry_id}:error", error[:1000])
-                pipe.hdel(self.keys.running(delivery.stream, self.consumer), delivery.entry_id)
-
-        if failed:
-            await self._call("charge attempts", self._pipelined(queue))
+        by_stream: dict[str, list[str]] = defaultdict(list)
+        for delivery, error in failed:
+            by_stream[delivery.stream] += [delivery.entry_id, error[:1000]]
+        if by_stream:
+            calls = [
+                self._retry_later(keys=[self.keys.attempts(s), self.keys.running(s, self.consumer)], args=args)
+                for s, args in by_stream.items()
+            ]
+            await self._call("charge attempts", asyncio.gather(*calls))
 
     async def last_error(self, delivery: Delivery) -> str | None:
         """Why the entry's last charged attempt ended, as recorded by whichever worker charged it."""
@@ -332,17 +356,19 @@ class Broker:
                 args += [name, value]
         return keys, args
 
-    async def settle(self, settlements: Sequence[Settlement], dead: bool = False) -> int:
+    async def settle(self, settlements: Sequence[Settlement], dead: bool = False) -> Settled:
         """Store results and acknowledge (dead letters copied first), atomically: one script call
         per shard, so every key it touches is in one hash slot."""
         by_shard: dict[int, list[Settlement]] = defaultdict(list)
         for s in settlements:
             by_shard[self.keys.shard_of_stream(s.delivery.stream)].append(s)
-        written = 0
+        written, foreign = 0, []
         for group in by_shard.values():
             keys, args = self._settle_call(group, dead)
-            written += int(await self._call("settle", self._settle(keys=keys, args=args)))
-        return written
+            count, foreign_indexes = await self._call("settle", self._settle(keys=keys, args=args))
+            written += int(count)
+            foreign += [group[int(i) - 1] for i in foreign_indexes]
+        return Settled(written, foreign)
 
     async def stats(self) -> dict[int, GroupStats]:
         """Per priority, summed over the shards: unfinished entries, entries not read yet, pending.

@@ -30,6 +30,8 @@ from worker.settings import Settings
 
 logger = logging.getLogger("worker")
 EXIT_CONFIG = 2
+#: enqueue: Redis could not be reached, or refused some jobs
+EXIT_REDIS = 3
 #: set when the worker stops with a batch still running on a lane thread
 _UNFINISHED = threading.Event()
 T = TypeVar("T")
@@ -231,65 +233,118 @@ def _line(path: Path, job_id: str | None, status: str, code: str | None, message
     return {"path": str(path), "job_id": job_id, "status": status, "code": code, "message": message, "result": None}
 
 
-async def _enqueue(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.client import AsyncClient, read_image_file
-    from worker.protocol import JobResult
+def _text_line(line: dict[str, Any]) -> str:
+    if line["status"] == "ok":
+        detail = f"{len(line['result']['boxes'])} boxes" if "boxes" in (line["result"] or {}) else ""
+    else:
+        detail = ": ".join(part for part in (line["code"], line["message"]) if part)
+    return f"{line['status']:6} {line['job_id'] or '-':32} {line['path']} {detail}".rstrip()
 
-    paths = expand_inputs(args.paths)
-    lines: list[dict[str, Any]] = [_line(p, None, "error", "unreadable", None) for p in paths]
+
+def _read_inputs(paths: list[Path], lines: list[dict[str, Any]], max_bytes: int) -> list[tuple[int, bytes]]:
+    """The inputs that can be read, by index; the others' lines say why not."""
+    from worker.client import read_image_file
+
     readable: list[tuple[int, bytes]] = []
     for index, path in enumerate(paths):
         try:
-            readable.append((index, read_image_file(path, settings.pipeline.max_image_bytes)))
+            readable.append((index, read_image_file(path, max_bytes)))
         except (OSError, InvalidJobError) as exc:
             lines[index]["message"] = str(exc) if isinstance(exc, InvalidJobError) else f"{path}: {exc.strerror}"
-    started = time.monotonic()
-    results: dict[str, JobResult] = {}
-    async with AsyncClient(result_ttl_s=settings.redis.result_ttl_s, redis_settings=settings.redis) as client:
-        if args.wait and not await client.live_workers():
-            print(
-                f"warning: no worker holds a lease under prefix {settings.redis.prefix!r}: "
-                "nothing will consume these jobs until one starts",
-                file=sys.stderr,
-            )
-        progress = Progress("enqueue", len(readable))
-        submitted = 0
-        for start in range(0, len(readable), 64):
-            chunk = readable[start : start + 64]
-            new_ids = await client.submit_many(
+    return readable
+
+
+async def _submit(
+    client: Any,
+    args: argparse.Namespace,
+    paths: list[Path],
+    readable: list[tuple[int, bytes]],
+    lines: list[dict[str, Any]],
+) -> None:
+    """Submit in chunks, each job's id derived from its input (so a re-run enqueues nothing twice);
+    every line says whether Redis holds its job. A refused chunk stops the submission."""
+    from worker.client import SubmitError, content_job_id
+
+    progress = Progress("enqueue", len(readable))
+    for start in range(0, len(readable), 64):
+        chunk = readable[start : start + 64]
+        ids = [content_job_id(data, args.priority, args.tensors) for _, data in chunk]
+        try:
+            await client.submit_many(
                 [data for _, data in chunk],
+                job_ids=ids,
                 priority=args.priority,
                 tensors=args.tensors,
                 sources=[str(paths[i]) for i, _ in chunk],
             )
-            for (index, _), job_id in zip(chunk, new_ids, strict=True):
+            failed: dict[str, str] = {}
+        except SubmitError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            failed = exc.failed
+        for (index, _), job_id in zip(chunk, ids, strict=True):
+            if job_id in failed:
+                lines[index] = _line(paths[index], job_id, "error", "not_stored", failed[job_id])
+            else:
                 lines[index] = _line(paths[index], job_id, "queued", None, None)
-            submitted += len(chunk)
-            progress.update(submitted)
-        if args.wait:
-            progress = Progress("results", len(readable))
-            ids = [line["job_id"] for line in lines if line["job_id"]]
-            results = await client.gather(ids, args.timeout, on_result=lambda *_: progress.update(len(results) + 1))
-    elapsed = time.monotonic() - started
+        progress.update(start + len(chunk))
+        if failed:
+            return
+
+
+async def _enqueue(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.client import AsyncClient
+    from worker.protocol import JobResult
+
+    paths = expand_inputs(args.paths)
+    lines: list[dict[str, Any]] = [_line(p, None, "error", "unreadable", None) for p in paths]
+    readable = _read_inputs(paths, lines, settings.pipeline.max_image_bytes)
+    for index, _ in readable:
+        lines[index] = _line(paths[index], None, "error", "not_stored", "not sent")
+    started = time.monotonic()
+    results: dict[str, JobResult] = {}
+    try:
+        async with AsyncClient(
+            result_ttl_s=settings.redis.result_ttl_s,
+            redis_settings=settings.redis,
+            connect_timeout_s=args.connect_timeout,
+        ) as client:
+            if args.wait and not await client.live_workers():
+                print(
+                    f"warning: no worker holds a lease under prefix {settings.redis.prefix!r}: "
+                    "nothing will consume these jobs until one starts",
+                    file=sys.stderr,
+                )
+            await _submit(client, args, paths, readable, lines)
+            if args.wait:
+                progress = Progress("results", len(readable))
+                ids = [line["job_id"] for line in lines if line["status"] == "queued"]
+                results = await client.gather(ids, args.timeout, on_result=lambda *_: progress.update(len(results) + 1))
+    except WorkerError as exc:  # Redis unreachable: every line still says what became of its input
+        print(f"error: {exc}", file=sys.stderr)
+        for line in lines:
+            if line["code"] == "not_stored" and line["job_id"] is None:
+                line["message"] = f"not sent: {exc}"
     for line in lines:
-        if line["job_id"] is None:
+        if line["status"] != "queued" or not args.wait:
             continue
-        found = results.get(line["job_id"])
-        if found is not None:
+        if (found := results.get(line["job_id"])) is not None:
             line.update(
                 status=found.status, code=found.code or None, message=found.message or None, result=found.result or None
             )
-        elif args.wait:
+        else:
             line.update(status="error", code="timeout", message=f"no result within {args.timeout} s")
     for line in lines:
-        if args.json:
-            print(json.dumps(line), flush=True)
-        else:
-            detail = f"{len(line['result']['boxes'])} boxes" if line["status"] == "ok" else (line["code"] or "")
-            print(f"{line['status']:6} {line['job_id'] or '-':32} {line['path']} {detail}")
+        print(json.dumps(line) if args.json else _text_line(line), flush=True)
     if args.wait:
-        _summary(lines, elapsed)
-    return 1 if any(line["code"] in ("unreadable", "timeout") for line in lines) else 0
+        _summary(lines, time.monotonic() - started)
+    return _enqueue_status(lines)
+
+
+def _enqueue_status(lines: list[dict[str, Any]]) -> int:
+    """The exit status documented in ``enqueue --help``."""
+    if any(line["code"] == "not_stored" for line in lines):
+        return EXIT_REDIS
+    return 1 if any(line["status"] not in ("ok", "queued") for line in lines) else 0
 
 
 def _summary(lines: list[dict[str, Any]], elapsed_s: float) -> None:
@@ -298,10 +353,12 @@ def _summary(lines: list[dict[str, Any]], elapsed_s: float) -> None:
     for line in lines:
         if line["status"] != "ok":
             errors[line["code"]] = errors.get(line["code"], 0) + 1
-    total_ms = [line["result"]["timings_ms"].get("total", 0.0) for line in ok]
     parts = [f"{len(lines)} jobs: {len(ok)} ok, {len(lines) - len(ok)} error {errors or ''}".rstrip()]
-    parts.append(f"{len(lines) / max(elapsed_s, 1e-9):.1f} images/s over {elapsed_s:.2f} s")
-    if total_ms:
+    if ok:
+        boxes = [len(line["result"].get("boxes", [])) for line in ok]
+        parts.append(f"{sum(boxes)} text boxes, in {sum(1 for n in boxes if n)} of {len(ok)} images")
+        parts.append(f"{len(ok) / max(elapsed_s, 1e-9):.1f} images/s over {elapsed_s:.2f} s")
+        total_ms = [line["result"]["timings_ms"].get("total", 0.0) for line in ok]
         parts.append(f"latency p50 {_percentile(total_ms, 50):.0f} ms, p99 {_percentile(total_ms, 99):.0f} ms")
     print("summary: " + "; ".join(parts), file=sys.stderr)
 
@@ -380,7 +437,23 @@ def build_parser() -> argparse.ArgumentParser:
     engine.set_defaults(handler=cmd_serve_engine)
 
     enqueue = command("enqueue", "submit images (files, directories, globs); one line per input")
+    enqueue.epilog = (
+        "Each job's id is derived from its image and options: running the same command again after a "
+        "failure enqueues nothing twice, and --wait collects results already stored.\n\n"
+        "exit status:\n"
+        "  0  every input was queued (with --wait: every job ended ok)\n"
+        "  1  some input could not be read, or some job ended with an error or had no result in time\n"
+        "  2  invalid settings or arguments\n"
+        "  3  Redis could not be reached, or refused some jobs (out of memory): their lines say why"
+    )
     redis_url(enqueue)
+    enqueue.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="seconds to keep trying a Redis that does not answer at first (a server that is starting)",
+    )
     enqueue.add_argument("--wait", action="store_true", help="wait for every result")
     enqueue.add_argument("--json", action="store_true", help="one JSON line per input on stdout")
     enqueue.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for all results")

@@ -2,7 +2,9 @@
 
 Waiting blocks on a per-job notification list (BLPOP) instead of polling the result key. Both
 submitting and waiting ride out a Redis restart: connection errors are retried with backoff until
-the call's own timeout, and results already collected are never dropped. Submitting again after an
+the call's own timeout, and results already collected are never dropped. A Redis the client has
+never reached (a wrong URL, a server not up) is reported after ``connect_timeout_s`` instead. A
+refusal (out of memory, a key of the wrong type) is reported at once. Submitting again after an
 error is safe: the enqueue script adds a job id once.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import os
 import stat
 import time
@@ -21,11 +24,20 @@ from typing import Any, TypeVar
 import cv2
 import numpy as np
 import numpy.typing as npt
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
-from worker.connection import connect, keys_for, mapped
-from worker.errors import BrokerError, InvalidJobError
-from worker.protocol import DEFAULT_PRIORITY, ENQUEUE_SCRIPT, PRIORITIES, JobRequest, JobResult, new_job_id
+from worker.connection import broker_error, connect, keys_for, mapped, redact
+from worker.errors import BrokerError, InvalidJobError, RedisRefusedError
+from worker.protocol import (
+    DEFAULT_PRIORITY,
+    ENQUEUE_MEMORY_FRACTION,
+    ENQUEUE_SCRIPT,
+    FOREIGN_RESULT_KEY,
+    PRIORITIES,
+    JobRequest,
+    JobResult,
+    new_job_id,
+)
 from worker.settings import RedisSettings
 
 ImageInput = bytes | bytearray | memoryview | str | Path | npt.NDArray[Any]
@@ -33,12 +45,43 @@ ImageInput = bytes | bytearray | memoryview | str | Path | npt.NDArray[Any]
 WAIT_KEYS_PER_CALL = 512
 #: how long ``submit`` keeps retrying one round trip while Redis is away
 SUBMIT_TIMEOUT_S = 30.0
+#: how long a client keeps trying a Redis it has never reached before it says so
+CONNECT_TIMEOUT_S = 5.0
 #: image bytes sent in one pipelined round trip; a larger submission is sent in several, so a
 #: 40,000-image list (1.7 GB) never becomes one write that outlasts the socket timeout
 SUBMIT_CHUNK_BYTES = 32 * 1024 * 1024
 DEFAULT_MAX_IMAGE_BYTES = 64 * 1024 * 1024
+MIB = 1 << 20
 _BACKOFF_FIRST_S, _BACKOFF_CAP_S = 0.05, 1.0
 T = TypeVar("T")
+
+
+class SubmitError(BrokerError):
+    """Some jobs of a submission are not stored. ``stored``: the ids Redis holds (they will run);
+    ``failed``: id -> why not. Submitting the failed ids again is safe: an id is added once."""
+
+    def __init__(self, message: str, stored: list[str], failed: dict[str, str]) -> None:
+        super().__init__(message)
+        self.stored = stored
+        self.failed = failed
+
+
+def content_job_id(image: bytes, priority: int = DEFAULT_PRIORITY, tensors: bool = False) -> str:
+    """A job id derived from the image and the options: submitting the same input again (say,
+    re-running a command after a partial failure) names the same job, which the enqueue script
+    adds once, and a waiter finds the result already stored."""
+    digest = hashlib.blake2b(image, digest_size=15, person=f"imgworker-p{priority}t{int(tensors)}".encode())
+    return "c" + digest.hexdigest()
+
+
+def _result_from_reply(job_id: str, key: str, reply: Any) -> JobResult | None:
+    """The result in an HGETALL reply: None while there is none; an error result when the key holds
+    something else (another type, or a hash that is not a result), never an exception."""
+    if isinstance(reply, ResponseError):
+        if not str(reply).startswith("WRONGTYPE"):
+            raise reply
+        return JobResult.failure(job_id, FOREIGN_RESULT_KEY, f"{key} holds another type than a result: left as it is")
+    return JobResult.decode(reply, job_id) if reply else None
 
 
 def _chunks_by_bytes(requests: list[JobRequest], limit: int) -> Iterable[list[JobRequest]]:
@@ -93,9 +136,15 @@ class AsyncClient:
         result_ttl_s: int = 3600,
         *,
         redis_settings: RedisSettings | None = None,
+        connect_timeout_s: float = CONNECT_TIMEOUT_S,
     ) -> None:
-        """``redis_settings`` (credentials, TLS, timeouts) wins over ``url`` and ``prefix``."""
+        """``redis_settings`` (credentials, TLS, timeouts) wins over ``url`` and ``prefix``.
+        ``connect_timeout_s``: how long calls retry a Redis this client has never reached (give a
+        longer one to wait for a server that is starting); once reached, each call rides out
+        outages up to its own timeout."""
         settings = redis_settings or RedisSettings(url=url, prefix=prefix)
+        self.connect_timeout_s = connect_timeout_s
+        self._reached = False
         self.keys = keys_for(settings)
         self.cluster = settings.cluster
         self.replicas = settings.replicas
@@ -114,14 +163,31 @@ class AsyncClient:
     async def aclose(self) -> None:
         await self.redis.aclose()
 
+    def _unreachable(self, started: float, exc: BrokerError) -> BrokerError | None:
+        """The error to give up with, once a Redis never reached has been tried long enough."""
+        if self._reached or time.monotonic() - started < self.connect_timeout_s:
+            return None
+        cause = exc.__cause__ or exc
+        return BrokerError(
+            f"cannot reach Redis at {redact(self.url)} (tried for {time.monotonic() - started:.1f} s): {cause}"
+        )
+
     async def _retrying(self, what: str, call: Callable[[], Awaitable[T]], deadline: float | None) -> T:
-        """Retry ``call`` on connection errors with backoff until ``deadline`` (monotonic; None: forever)."""
-        delay = _BACKOFF_FIRST_S
+        """Retry ``call`` on connection errors with backoff until ``deadline`` (monotonic; None:
+        forever), or ``connect_timeout_s`` while Redis was never reached; a refusal is not retried."""
+        delay, started = _BACKOFF_FIRST_S, time.monotonic()
         while True:
             try:
                 with mapped(what, self.url):
-                    return await call()
-            except BrokerError:
+                    result = await call()
+                self._reached = True
+                return result
+            except RedisRefusedError:
+                self._reached = True
+                raise
+            except BrokerError as exc:
+                if unreachable := self._unreachable(started, exc):
+                    raise unreachable from exc
                 if deadline is not None and time.monotonic() + delay > deadline:
                     raise
                 await asyncio.sleep(delay)
@@ -178,45 +244,88 @@ class AsyncClient:
         timeout_s: float = SUBMIT_TIMEOUT_S,
     ) -> list[str]:
         """Enqueue many images, pipelined in round trips of up to ``SUBMIT_CHUNK_BYTES`` of images
-        each (each retried for up to ``timeout_s``); returns their job ids in order. After an
-        error, some chunks may be queued already: submitting the same job ids again is safe."""
+        each (each retried for up to ``timeout_s``); returns their job ids in order.
+
+        Raises SubmitError when some are not stored: Redis refused them (out of memory), or a round
+        trip failed; it names the ids stored and why each other one is not. What follows a failed
+        round trip is not sent. Submitting the same ids again is safe."""
         job_ids = job_ids or [None] * len(images)
         sources = sources or [""] * len(images)
         requests = [
             self._request(img, job_id=jid, priority=priority, deadline_s=deadline_s, tensors=tensors, source=src)
             for img, jid, src in zip(images, job_ids, sources, strict=True)
         ]
+        stored: list[str] = []
+        failed: dict[str, str] = {}
         for chunk in _chunks_by_bytes(requests, SUBMIT_CHUNK_BYTES):
-            await self._retrying("enqueue", functools.partial(self._send, chunk), time.monotonic() + timeout_s)
+            if failed:
+                failed.update((r.job_id, "not sent: an earlier round trip of this submission failed") for r in chunk)
+                continue
+            try:
+                refused = await self._retrying(
+                    "enqueue", functools.partial(self._send, chunk), time.monotonic() + timeout_s
+                )
+            except BrokerError as exc:
+                refused = {r.job_id: str(exc) for r in chunk}
+            stored += [r.job_id for r in chunk if r.job_id not in refused]
+            failed.update(refused)
+        if failed:
+            reasons = sorted(set(failed.values()), key=list(failed.values()).index)
+            raise SubmitError(f"{len(failed)} of {len(requests)} jobs are not stored: {reasons[0]}", stored, failed)
         return [r.job_id for r in requests]
 
-    async def _send(self, requests: list[JobRequest]) -> None:
-        """One pipelined round trip: the enqueue script per job, then Redis WAIT when replicas are asked for."""
+    async def _send(self, requests: list[JobRequest]) -> dict[str, str]:
+        """One pipelined round trip: the enqueue script once per shard, then Redis WAIT when
+        replicas are asked for. Returns the jobs Redis refused, with its reason."""
+        by_shard: dict[int, list[JobRequest]] = {}
+        for request in requests:
+            by_shard.setdefault(self.keys.shard_of(request.job_id), []).append(request)
         streams = {self.keys.stream(r.priority, self.keys.shard_of(r.job_id)) for r in requests}
         async with self.redis.pipeline(transaction=False) as pipe:
-            if self.cluster:  # redis-py refuses script objects in cluster pipelines: plain EVALSHA
-                if self._enqueue_sha is None:
-                    self._enqueue_sha = await self.redis.script_load(ENQUEUE_SCRIPT)  # on every master
-                for r in requests:
-                    pipe.execute_command("EVALSHA", self._enqueue_sha, 2, *self._enqueue_call(r))
-            else:
-                for r in requests:
-                    call = self._enqueue_call(r)
-                    await self._enqueue(keys=call[:2], args=call[2:], client=pipe)
+            if self.cluster and self._enqueue_sha is None:  # redis-py refuses script objects in cluster pipelines
+                self._enqueue_sha = await self.redis.script_load(ENQUEUE_SCRIPT)  # on every master
+            for group in by_shard.values():
+                keys, args = self._enqueue_call(group)
+                if self.cluster:
+                    pipe.execute_command("EVALSHA", self._enqueue_sha, len(keys), *keys, *args)
+                else:
+                    await self._enqueue(keys=keys, args=args, client=pipe)
             waits = self._wait_for_replicas(pipe, streams)
-            try:
-                replies = await pipe.execute()
-            except NoScriptError:  # a replica took over and has no script cache yet
+            replies = await pipe.execute(raise_on_error=False)
+        refused: dict[str, str] = {}
+        for group, reply in zip(by_shard.values(), replies, strict=False):
+            if isinstance(reply, NoScriptError):  # a replica took over and has no script cache yet
                 self._enqueue_sha = None
-                raise
-        if waits and min(replies[-waits:]) < self.replicas:
-            raise BrokerError(f"only {min(replies[-waits:])} of {self.replicas} replicas have the jobs")
+            if isinstance(reply, RedisError):
+                error = broker_error("enqueue", reply, self.url)
+                if not isinstance(error, RedisRefusedError):
+                    raise error from reply  # retried, the whole round trip: an id is added once
+                reason = str(error) if "MiB" in str(error) else f"{error} ({await self._memory()})"
+                refused.update((r.job_id, reason) for r in group)
+        replica_counts = replies[len(replies) - waits :]
+        if waits and (any(isinstance(n, Exception) for n in replica_counts) or min(replica_counts) < self.replicas):
+            raise BrokerError(f"only {replica_counts} of {self.replicas} replicas have the jobs")
+        return refused
 
-    def _enqueue_call(self, request: JobRequest) -> list[Any]:
-        """The enqueue script's two keys (seen marker, stream), then its arguments."""
-        stream = self.keys.stream(request.priority, self.keys.shard_of(request.job_id))
-        fields = (x for kv in request.encode().items() for x in kv)
-        return [self.keys.seen(request.job_id), stream, self.result_ttl_s, *fields]
+    async def _memory(self) -> str:
+        """Redis's memory figures, for a refusal that came without them (Redis's own, at maxmemory)."""
+        memory = await self.redis.info("memory")
+        return f"Redis uses {memory['used_memory'] / MIB:.1f} MiB of its maxmemory {memory['maxmemory'] / MIB:.1f} MiB"
+
+    def _enqueue_call(self, requests: list[JobRequest]) -> tuple[list[str], list[Any]]:
+        """The enqueue script's keys (seen marker and stream of each job) and arguments (see
+        ENQUEUE_SCRIPT) for jobs of one shard."""
+        keys: list[str] = []
+        args: list[Any] = [self.result_ttl_s, ENQUEUE_MEMORY_FRACTION]
+        for request in requests:
+            keys += [
+                self.keys.seen(request.job_id),
+                self.keys.stream(request.priority, self.keys.shard_of(request.job_id)),
+            ]
+            fields = request.encode()
+            args.append(len(fields))
+            args += [x for kv in fields.items() for x in kv]
+        return keys, args
 
     def _wait_for_replicas(self, pipe: Any, streams: set[str]) -> int:
         """Queue WAIT behind the writes, on the same connection to each master written to, so a
@@ -234,10 +343,20 @@ class AsyncClient:
 
     async def result(self, job_id: str) -> JobResult | None:
         """The stored result, or None while the job is not finished (or its result expired)."""
-        fields: dict[Any, Any] = await self._retrying(
-            "result", lambda: self.redis.hgetall(self.keys.result(job_id)), time.monotonic() + SUBMIT_TIMEOUT_S
+        key = self.keys.result(job_id)
+        replies = await self._retrying(
+            "result", lambda: self._pipelined(lambda pipe: pipe.hgetall(key)), time.monotonic() + SUBMIT_TIMEOUT_S
         )
-        return JobResult.decode(fields) if fields else None
+        return _result_from_reply(job_id, key, replies[0])
+
+    async def _pipelined(self, queue: Callable[[Any], object]) -> list[Any]:
+        """One round trip; a command's error comes back in its place (a key of the wrong type is one
+        job's problem, not the whole call's)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            queue(pipe)
+            replies = list(await pipe.execute(raise_on_error=False))
+        self._reached = True
+        return replies
 
     async def wait(self, job_id: str, timeout_s: float | None = None) -> JobResult:
         results = await self.wait_many([job_id], timeout_s)
@@ -259,10 +378,12 @@ class AsyncClient:
     ) -> dict[str, JobResult]:
         """The results that arrive before the timeout (all of them, with no timeout).
 
-        While Redis is away this keeps retrying until the timeout; what was collected stays.
+        While Redis is away this keeps retrying until the timeout; what was collected stays. A job
+        whose result key holds something else than a result gets an error result saying so.
         """
         pending = list(dict.fromkeys(job_ids))
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        started = time.monotonic()
+        deadline = None if timeout_s is None else started + timeout_s
         results: dict[str, JobResult] = {}
         delay = _BACKOFF_FIRST_S
         check_all = True
@@ -284,7 +405,9 @@ class AsyncClient:
                     else:
                         check_all = True
                 delay = _BACKOFF_FIRST_S
-            except BrokerError:
+            except BrokerError as exc:
+                if unreachable := self._unreachable(started, exc):
+                    raise unreachable from exc
                 if left is not None and left <= delay:
                     break
                 await asyncio.sleep(delay)
@@ -298,6 +421,7 @@ class AsyncClient:
         WAIT_KEYS_PER_CALL, is found that way). On a cluster, one BLPOP per shard: keys of one slot."""
         if not self.cluster:
             popped = await self.redis.blpop([self.keys.done(j) for j in pending[:WAIT_KEYS_PER_CALL]], timeout_s)
+            self._reached = True
             return [self.keys.job_id_of_done(popped[0])] if popped else []
         by_shard: dict[int, list[str]] = {}
         for job_id in pending:
@@ -308,32 +432,29 @@ class AsyncClient:
                 for ids in by_shard.values()
             )
         )
+        self._reached = True
         return [self.keys.job_id_of_done(reply[0]) for reply in replies if reply]
 
     async def _drain_done(self, job_ids: list[str]) -> list[str]:
         """Of these, the jobs notified meanwhile, in one round trip: under load one wake-up collects
         every result that arrived, so a waiter's cost per result does not grow with the window."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for job_id in job_ids:
-                pipe.lpop(self.keys.done(job_id))
-            notified = await pipe.execute()
-        return [job_id for job_id, status in zip(job_ids, notified, strict=True) if status is not None]
+        notified = await self._pipelined(lambda pipe: [pipe.lpop(self.keys.done(job_id)) for job_id in job_ids])
+        # a done key of another type is not ours (its job's result is found by looking)
+        return [job_id for job_id, reply in zip(job_ids, notified, strict=True) if isinstance(reply, bytes | str)]
 
     async def _collect(
         self, job_ids: list[str], into: dict[str, JobResult], on_result: Callable[[str, JobResult], None] | None
     ) -> list[str]:
         """Fetches the results of these jobs that are stored; returns the ids newly collected."""
         found: list[str] = []
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for job_id in job_ids:
-                pipe.hgetall(self.keys.result(job_id))
-            replies = await pipe.execute()
-        for job_id, fields in zip(job_ids, replies, strict=True):
-            if fields and job_id not in into:
-                into[job_id] = JobResult.decode(fields)
+        keys = [self.keys.result(job_id) for job_id in job_ids]
+        replies = await self._pipelined(lambda pipe: [pipe.hgetall(key) for key in keys])
+        for job_id, key, reply in zip(job_ids, keys, replies, strict=True):
+            if job_id not in into and (result := _result_from_reply(job_id, key, reply)) is not None:
+                into[job_id] = result
                 found.append(job_id)
                 if on_result is not None:
-                    on_result(job_id, into[job_id])
+                    on_result(job_id, result)
         return found
 
     async def live_workers(self) -> int:

@@ -15,22 +15,27 @@ from urllib.parse import urlsplit, urlunsplit
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import (
     AuthenticationError,
     AuthorizationError,
     NoPermissionError,
+    OutOfMemoryError,
     RedisClusterException,
     RedisError,
+    ResponseError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from worker.errors import BrokerError, ConfigError
+from worker.errors import BrokerError, ConfigError, RedisRefusedError
 from worker.protocol import Keys
 from worker.settings import RedisSettings
 
 _FATAL = (AuthenticationError, AuthorizationError, NoPermissionError)
+#: how long a readiness probe waits for Redis's answer: a worker is not ready a second or two after
+#: Redis stops answering (frozen, partitioned), not after the retries of ordinary calls (~40 s)
+PROBE_TIMEOUT_S = 1.5
 
 
 def redact(url: str) -> str:
@@ -45,15 +50,24 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}***@{host}"))
 
 
-def connection_options(settings: RedisSettings) -> dict[str, Any]:
-    """redis-py keyword arguments beyond the URL: credentials, TLS, timeouts and retries."""
-    options: dict[str, Any] = {
-        "socket_timeout": settings.socket_timeout_s + settings.block_ms / 1000,
-        "socket_connect_timeout": settings.socket_timeout_s,
-        "retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=3),
-        "retry_on_error": [RedisConnectionError, RedisTimeoutError],
-        "health_check_interval": 30,
-    }
+def connection_options(settings: RedisSettings, probe: bool = False) -> dict[str, Any]:
+    """redis-py keyword arguments beyond the URL: credentials, TLS, timeouts and retries (a probe's:
+    short, and none)."""
+    options: dict[str, Any] = (
+        {
+            "socket_timeout": PROBE_TIMEOUT_S,
+            "socket_connect_timeout": PROBE_TIMEOUT_S,
+            "retry": Retry(NoBackoff(), retries=0),
+        }
+        if probe
+        else {
+            "socket_timeout": settings.socket_timeout_s + settings.block_ms / 1000,
+            "socket_connect_timeout": settings.socket_timeout_s,
+            "retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=3),
+            "retry_on_error": [RedisConnectionError, RedisTimeoutError],
+            "health_check_interval": 30,
+        }
+    )
     if settings.password is not None:
         options["password"] = settings.password.get_secret_value()
     if urlsplit(settings.url).scheme == "rediss":
@@ -68,11 +82,11 @@ def connection_options(settings: RedisSettings) -> dict[str, Any]:
     return options
 
 
-def connect(settings: RedisSettings) -> Any:
+def connect(settings: RedisSettings, probe: bool = False) -> Any:
     """A Redis client, or a cluster client (same commands; multi-key calls must stay in one slot)."""
     if settings.cluster:
-        return RedisCluster.from_url(settings.url, **connection_options(settings))
-    return aioredis.Redis.from_url(settings.url, **connection_options(settings))
+        return RedisCluster.from_url(settings.url, **connection_options(settings, probe))
+    return aioredis.Redis.from_url(settings.url, **connection_options(settings, probe))
 
 
 def keys_for(settings: RedisSettings) -> Keys:
@@ -87,6 +101,11 @@ def broker_error(what: str, exc: RedisError | RedisClusterException, url: str) -
         return ConfigError(f"redis at {redact(url)} refused the credentials ({what}): {detail}")
     if isinstance(exc, RedisConnectionError) and "CERTIFICATE_VERIFY_FAILED" in detail:
         return ConfigError(f"redis at {redact(url)}: TLS certificate verification failed: {detail}")
+    if isinstance(exc, OutOfMemoryError):  # redis-py drops the OOM code from the message
+        reason = detail if detail.startswith("out of memory") else f"out of memory: {detail}"
+        return RedisRefusedError(f"redis {what} refused: {reason}")
+    if isinstance(exc, ResponseError) and detail.startswith("WRONGTYPE"):
+        return RedisRefusedError(f"redis {what} refused: {detail}")
     return BrokerError(f"redis {what} failed: {detail}")
 
 

@@ -12,6 +12,7 @@ WorkerError
 │   └── JobExpiredError      expired          the job's deadline passed before inference
 └── TransientError           the job stays pending, is retried, then dead-lettered
     ├── BrokerError          Redis is unreachable or answered with an error
+    │   └── RedisRefusedError  Redis answered but refused: out of memory, a key of the wrong type
     ├── BackendError         backend_error    a batch failed in the backend
     │   └── ShapeOutOfProfileError  a batch shape lies outside its bucket's profile
     └── StalledError         stalled          the job was held past stall_s: the pipeline wedged
@@ -70,6 +71,13 @@ class TransientError(WorkerError):
 
 class BrokerError(TransientError):
     code = "broker_error"
+
+
+class RedisRefusedError(BrokerError):
+    """Redis answered and said no (out of memory, a key of the wrong type): the same call again
+    right away would get the same answer, so producers report it instead of retrying."""
+
+    code = "redis_refused"
 
 
 class BackendError(TransientError):

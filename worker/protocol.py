@@ -27,24 +27,64 @@ JOB_ID_MAX_LEN = 200
 INT_FIELD_MAX = 2**63 - 1
 
 Status = Literal["ok", "error"]
+#: the code of a job whose result key holds something else than a result (a foreign or damaged key)
+FOREIGN_RESULT_KEY = "foreign_result_key"
 
-#: Adds a job unless its id was seen before. KEYS: seen key, stream. ARGV: seen ttl, field/value pairs.
-#: Returns the new entry id, or nil for a duplicate id.
-ENQUEUE_SCRIPT = """
-if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
-  return redis.call('XADD', KEYS[2], '*', unpack(ARGV, 2))
+#: Jobs are refused once Redis holds this share of its maxmemory: the rest stays for what the
+#: workers write (results, marks), so producers meet a clear refusal long before workers would.
+ENQUEUE_MEMORY_FRACTION = 0.9
+
+#: Adds jobs, each unless its id was seen before. KEYS, two per job: seen key, stream.
+#: ARGV: seen ttl, memory fraction (0: no check), then per job: field count n, n field/value pairs.
+#: Returns per job the new entry id, or nil for a duplicate id. Refuses the whole call, storing
+#: nothing, once Redis holds more than the fraction of its maxmemory, the call's own arguments
+#: counted (an ``OOM`` error naming both figures); the shebang makes Redis itself refuse it
+#: atomically at maxmemory.
+ENQUEUE_SCRIPT = """#!lua
+local fraction = tonumber(ARGV[2])
+if fraction > 0 then
+  local info = redis.call('INFO', 'memory')
+  local limit = tonumber(string.match(info, 'maxmemory:(%d+)'))
+  if limit > 0 then
+    local used = tonumber(string.match(info, 'used_memory:(%d+)'))  -- this call's images included
+    if used > limit * fraction then
+      return redis.error_reply(string.format(
+        'OOM out of memory for new jobs: Redis uses %.1f MiB of its maxmemory %.1f MiB; jobs are refused above %d%%',
+        used / 1048576, limit / 1048576, fraction * 100))
+    end
+  end
 end
-return false
+local out, a = {}, 3
+for k = 1, #KEYS, 2 do
+  local n = tonumber(ARGV[a])
+  if redis.call('SET', KEYS[k], '1', 'NX', 'EX', ARGV[1]) then
+    out[#out + 1] = redis.call('XADD', KEYS[k + 1], '*', unpack(ARGV, a + 1, a + 2 * n))
+  else
+    out[#out + 1] = false
+  end
+  a = a + 1 + 2 * n
+end
+return out
 """
+
+#: The worker's scripts run at maxmemory too (``allow-oom``): settling deletes the entries that
+#: fill Redis, so it is the one thing that must never be refused for lack of memory, and reading,
+#: marking and charging are what lets it go on.
+_WORKER_SCRIPT = "#!lua flags=allow-oom\n"
 
 #: Stores results and acknowledges, atomically, for a batch of jobs of one shard (one hash slot).
 #: KEYS, six per job: stream, result hash, done list, attempts hash, running hash, dead-letter stream.
 #: ARGV: result ttl, group, dead-letter maxlen, then per job: entry id, status, dead-letter field
 #: count d (0: not dead-lettered), d field/value pairs, result field count n, n field/value pairs.
-#: A result already stored is never overwritten (the second settle only acknowledges); the entry
-#: is deleted from the stream, so Redis holds only unfinished jobs. Returns the results written.
-SETTLE_SCRIPT = """
-local ttl, group, maxlen, a, written = ARGV[1], ARGV[2], ARGV[3], 4, 0
+#: A result already stored (a hash with ``json``) is never overwritten: the second settle only
+#: acknowledges. A result key holding anything else is not ours: it is left as it is, the job is
+#: dead-lettered with code ``foreign_result_key`` and acknowledged. The entry is deleted from the
+#: stream either way, so Redis holds only unfinished jobs. Returns {results written, [indexes (from
+#: 1) of the jobs dead-lettered for a foreign key]}.
+SETTLE_SCRIPT = (
+    _WORKER_SCRIPT
+    + """
+local ttl, group, maxlen, a, written, foreign = ARGV[1], ARGV[2], ARGV[3], 4, 0, {}
 for k = 1, #KEYS, 6 do
   local entry, status, d = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
   a = a + 3
@@ -54,12 +94,21 @@ for k = 1, #KEYS, 6 do
   end
   local n = tonumber(ARGV[a])
   a = a + 1
-  if redis.call('EXISTS', KEYS[k + 1]) == 0 then
+  local kind = redis.call('TYPE', KEYS[k + 1])['ok']
+  if kind == 'none' then
     redis.call('HSET', KEYS[k + 1], unpack(ARGV, a, a + 2 * n - 1))
     redis.call('EXPIRE', KEYS[k + 1], ttl)
-    redis.call('RPUSH', KEYS[k + 2], status)
-    redis.call('EXPIRE', KEYS[k + 2], ttl)
+    local done = redis.call('TYPE', KEYS[k + 2])['ok']
+    if done == 'none' or done == 'list' then  -- else not ours either: waiters find the result by looking
+      redis.call('RPUSH', KEYS[k + 2], status)
+      redis.call('EXPIRE', KEYS[k + 2], ttl)
+    end
     written = written + 1
+  elseif kind ~= 'hash' or redis.call('HEXISTS', KEYS[k + 1], 'json') == 0 then
+    redis.call('XADD', KEYS[k + 5], 'MAXLEN', '~', maxlen, '*', 'stream', KEYS[k], 'entry_id', entry,
+      'result_key', KEYS[k + 1], 'code', 'foreign_result_key',
+      'message', 'the result key holds a ' .. kind .. ' that is not a result: left as it is, no result stored')
+    foreign[#foreign + 1] = (k + 5) / 6
   end
   redis.call('XACK', KEYS[k], group, entry)
   redis.call('XDEL', KEYS[k], entry)
@@ -67,25 +116,75 @@ for k = 1, #KEYS, 6 do
   redis.call('HDEL', KEYS[k + 4], entry)
   a = a + 2 * n
 end
-return written
+return {written, foreign}
 """
+)
+
+#: Creates the consumer group on a stream (and the stream), from id 0; 0 if it exists already.
+#: KEYS: the stream. ARGV: group.
+ENSURE_GROUP_SCRIPT = (
+    _WORKER_SCRIPT
+    + """
+local reply = redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0', 'MKSTREAM')
+if type(reply) == 'table' and reply.err then
+  if string.find(reply.err, 'BUSYGROUP') then return 0 end
+  return reply
+end
+return 1
+"""
+)
+
+#: Refreshes a worker's lease. KEYS: the lease. ARGV: its time to live in ms.
+HEARTBEAT_SCRIPT = _WORKER_SCRIPT + "return redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])\n"
+
+#: Marks entries of one stream running (``batched`` or ``alone``) or waiting (the mark removed).
+#: KEYS: the consumer's running hash. ARGV: count w of waiting entries, their ids, then entry id /
+#: mark pairs.
+MARK_SCRIPT = (
+    _WORKER_SCRIPT
+    + """
+local w = tonumber(ARGV[1])
+if w > 0 then redis.call('HDEL', KEYS[1], unpack(ARGV, 2, w + 1)) end
+if #ARGV > w + 1 then redis.call('HSET', KEYS[1], unpack(ARGV, w + 2)) end
+return true
+"""
+)
+
+#: Charges one failed attempt to each entry (with its error) and unmarks it, leaving it pending for a
+#: retry. KEYS: attempts hash, the consumer's running hash (one stream). ARGV: entry id / error pairs.
+RETRY_LATER_SCRIPT = (
+    _WORKER_SCRIPT
+    + """
+for i = 1, #ARGV, 2 do
+  redis.call('HINCRBY', KEYS[1], ARGV[i], 1)
+  redis.call('HSET', KEYS[1], ARGV[i] .. ':error', ARGV[i + 1])
+  redis.call('HDEL', KEYS[2], ARGV[i])
+end
+return true
+"""
+)
 
 #: Removes a consumer only while it has no pending entry (deleting one with pending entries would
 #: lose them); the caller checked that it holds no lease. KEYS: stream, the consumer's running hash.
 #: ARGV: group, consumer.
-FORGET_CONSUMER_SCRIPT = """
+FORGET_CONSUMER_SCRIPT = (
+    _WORKER_SCRIPT
+    + """
 if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) > 0 then return 0 end
 redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
 redis.call('DEL', KEYS[2])
 return 1
 """
+)
 
 #: Records the death of the consumer that was running these entries, then reports each entry's
 #: attempts and deaths. KEYS: attempts hash, the previous owner's running hash. ARGV: entry ids.
 #: A death charges an attempt only to an entry the owner ran alone: an entry that died in company
 #: is a suspect (``:deaths``), not yet charged, and runs alone next. Entries the owner had only
 #: read, or that were charged already when they failed, are not counted again.
-CHARGE_SCRIPT = """
+CHARGE_SCRIPT = (
+    _WORKER_SCRIPT
+    + """
 local out = {}
 for i, id in ipairs(ARGV) do
   local how = redis.call('HGET', KEYS[2], id)
@@ -102,12 +201,15 @@ for i, id in ipairs(ARGV) do
 end
 return out
 """
+)
 
 
 #: Reads up to COUNT new entries strictly by priority and marks them running, in one round trip.
 #: KEYS: the streams, highest priority first, then this consumer's running hash of each.
 #: ARGV: group, consumer, count. Returns [[stream, [[entry id, [field, value, ...]], ...]], ...].
-READ_SCRIPT = """
+READ_SCRIPT = (
+    _WORKER_SCRIPT
+    + """
 local out, left, n = {}, tonumber(ARGV[3]), #KEYS / 2
 for i = 1, n do
   if left <= 0 then break end
@@ -121,6 +223,7 @@ for i = 1, n do
 end
 return out
 """
+)
 
 
 @dataclass(frozen=True)
@@ -338,20 +441,26 @@ class JobResult:
         return Settlement(delivery, self, self.encode(), bucket, enqueued_ms)
 
     @classmethod
-    def decode(cls, fields: dict[bytes, bytes]) -> JobResult:
-        doc = json.loads(fields[b"json"])
-        tensors = {
-            name: np.frombuffer(fields[meta["field"].encode()], dtype=meta["dtype"]).reshape(meta["shape"])
-            for name, meta in doc.get("tensors", {}).items()
-        }
-        return cls(
-            job_id=doc["id"],
-            status=doc["status"],
-            code=doc.get("code", ""),
-            message=doc.get("message", ""),
-            result=doc.get("result", {}),
-            tensors=tensors,
-        )
+    def decode(cls, fields: dict[bytes, bytes], job_id: str = "") -> JobResult:
+        """The stored result; a hash that is not one (no valid ``json``: written by someone else, or
+        damaged) becomes a ``foreign_result_key`` error for ``job_id``, never an exception."""
+        try:
+            doc = json.loads(fields[b"json"])
+            tensors = {
+                name: np.frombuffer(fields[meta["field"].encode()], dtype=meta["dtype"]).reshape(meta["shape"])
+                for name, meta in doc.get("tensors", {}).items()
+            }
+            return cls(
+                job_id=doc["id"],
+                status=doc["status"],
+                code=doc.get("code", ""),
+                message=doc.get("message", ""),
+                result=doc.get("result", {}),
+                tensors=tensors,
+            )
+        except (KeyError, ValueError, TypeError, AttributeError) as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            return cls.failure(job_id, FOREIGN_RESULT_KEY, f"the result hash is not a result ({reason}); left as it is")
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,12 @@ from worker.backends.base import Backend, Lane
 from worker.batcher import Batcher
 from worker.broker import Broker
 from worker.buckets import ModelSpec
+from worker.connection import PROBE_TIMEOUT_S
 from worker.errors import BrokerError, ConfigError, ImageTooLargeError, JobError, JobExpiredError, StalledError
 from worker.executor import BucketExecutor, Inferred, Job, Retry
 from worker.imaging import ByteBudget, Limits, Prepared, prepare
 from worker.inflight import Inflight
+from worker.logs import Outage
 from worker.metrics import Metrics
 from worker.protocol import PRIORITIES, Delivery, JobRequest, JobResult, Settlement, now_ms, valid_job_id
 from worker.settings import Settings
@@ -32,6 +34,7 @@ from worker.settler import BROKER_RETRY_S, Settler
 logger = logging.getLogger(__name__)
 
 STATS_INTERVAL_S = 5.0
+PROBE_INTERVAL_S = 1.0
 WATCHDOG_INTERVAL_S = 1.0
 #: kept back from the grace period for leaving entries and dropping the lease
 EXIT_MARGIN_S = 1.0
@@ -65,10 +68,13 @@ class Service:
             b.id: BucketExecutor(b, spec, backend, metrics, self._cpu_pool, worker=settings.redis.consumer)
             for b in spec.buckets
         }
-        self.batchers: dict[str, Batcher[Job]] = {b.id: Batcher(b, lambda job: job.padded_shape) for b in spec.buckets}
+        self.batchers: dict[str, Batcher[Job]] = {
+            b.id: Batcher(b, lambda job: job.padded_shape, priority_of=lambda job: job.request.priority)
+            for b in spec.buckets
+        }
         window = pipeline.max_inflight or sum(2 * len(ex.lanes) * ex.bucket.max_batch for ex in self.executors.values())
         self.inflight = Inflight(window)
-        self.settler = Settler(broker, self.inflight, metrics, self._set_redis)
+        self.settler = Settler(broker, self.inflight, metrics)
         self._received = {p: metrics.jobs_received.labels(p) for p in PRIORITIES}
         self._queue_wait = {p: metrics.queue_wait.labels(p) for p in PRIORITIES}
         metrics.inflight.set_function(lambda: len(self.inflight))
@@ -102,6 +108,12 @@ class Service:
         return all(ex.running == 0 for ex in self.executors.values())
 
     def _set_redis(self, ok: bool) -> None:
+        """Readiness follows the probe alone; each change is logged once."""
+        if ok != self.redis_ok:
+            if ok:
+                logger.info("redis answers: ready")
+            else:
+                logger.warning("redis does not answer within %.1f s: not ready", PROBE_TIMEOUT_S)
         self.redis_ok = ok
         self.metrics.ready.set(1 if self.ready() else 0)
 
@@ -157,7 +169,7 @@ class Service:
 
     async def _serve(self, burst: bool) -> None:
         if await self._until_redis(self.broker.ensure_groups) and await self._until_redis(self.broker.heartbeat):
-            for loop in (self._heartbeat_loop, self._stats_loop, self._watchdog_loop):
+            for loop in (self._probe_loop, self._heartbeat_loop, self._stats_loop, self._watchdog_loop):
                 self._group.create_task(loop())
             finished, _ = await self._unless_stopped(self._warm_up())
             if finished:
@@ -194,14 +206,15 @@ class Service:
 
     async def _until_redis(self, call: Any) -> bool:
         """Retry a start-up call until Redis answers (True) or a stop comes (False)."""
+        outage = Outage(logger, "connecting to redis")
         while not self._stopping.is_set():
             try:
                 await call()
+                outage.recovered()
                 self._set_redis(True)
                 return True
             except BrokerError as exc:
-                self._set_redis(False)
-                logger.warning("waiting for redis: %s", exc)
+                outage.failed(exc)
                 await self._pause(BROKER_RETRY_S)
         return False
 
@@ -258,15 +271,21 @@ class Service:
 
     # ---- background loops ------------------------------------------------------------------
 
+    async def _probe_loop(self) -> None:
+        """Readiness: Redis answers a PING on its own connection within PROBE_TIMEOUT_S."""
+        while not self._stopping.is_set():
+            self._set_redis(await self.broker.answers())
+            await self._pause(PROBE_INTERVAL_S)
+
     async def _heartbeat_loop(self) -> None:
+        outage = Outage(logger, "heartbeat")
         while not self._stopping.is_set():
             await self._pause(self.settings.redis.lease_s / 3)
             try:
                 await self.broker.heartbeat()
-                self._set_redis(True)
+                outage.recovered()
             except BrokerError as exc:
-                self._set_redis(False)
-                logger.warning("heartbeat failed: %s", exc)
+                outage.failed(exc)
 
     async def _stats_loop(self) -> None:
         while not self._stopping.is_set():
@@ -313,6 +332,7 @@ class Service:
         await asyncio.gather(*(self._reader(burst, first=i == 0) for i in range(readers)))
 
     async def _reader(self, burst: bool, first: bool) -> None:
+        outage = Outage(logger, "intake") if first else None  # the readers fail together: logged once
         while not self._stopping.is_set():
             waited = time.perf_counter()
             await self.inflight.wait(self._may_read)
@@ -323,9 +343,11 @@ class Service:
             try:
                 if not await self._read_and_admit(burst):
                     return
+                if outage:
+                    outage.recovered()
             except BrokerError as exc:
-                self._set_redis(False)
-                logger.warning("intake failed, retrying: %s", exc)
+                if outage:
+                    outage.failed(exc)
                 await self._pause(BROKER_RETRY_S)
 
     def _may_read(self) -> bool:
@@ -350,7 +372,6 @@ class Service:
         if not deliveries and (room := min(self.inflight.free, self._read_share)):
             with self.inflight.reserving(room):
                 deliveries = await self._read_entries(room)
-        self._set_redis(True)
         await self._admit_all(deliveries)  # holds what came before its first await
         if not deliveries and burst and not len(self.inflight) and await self.broker.backlog() == 0:
             logger.info("burst: queue empty and nothing in flight")
@@ -380,7 +401,7 @@ class Service:
         """
         ordinary: list[Delivery] = []
         suspects: list[Delivery] = []
-        for delivery in deliveries:
+        for delivery in self._not_held(deliveries):
             if delivery.attempts >= self.settings.redis.max_deliveries:
                 self.inflight.hold(delivery)
                 self._spawn(f"dead {delivery.key}", self._dead_letter(delivery))
@@ -400,6 +421,17 @@ class Service:
                 self._queued_suspects.difference_update(d.key for d in suspects)  # those not started
                 self.inflight.wake()  # the lock is free again: waiting readers look
 
+    def _not_held(self, deliveries: list[Delivery]) -> list[Delivery]:
+        """Those not held or queued already. After a Redis stall one entry can come twice: a read
+        that Redis ran late hands it over while a reclaim, whose look at what is held predates
+        that read, claims it as left behind. The copy held first runs; the other is dropped."""
+        fresh = [d for d in deliveries if d.key not in self.inflight and d.key not in self._queued_suspects]
+        if len(fresh) < len(deliveries):
+            logger.info(
+                "%d entries came twice (a read and a reclaim after a stall): run once", len(deliveries) - len(fresh)
+            )
+        return fresh
+
     async def _run_alone(self, suspects: list[Delivery]) -> None:
         """Each suspect once nothing else is held or being read, and nothing else until it is settled."""
 
@@ -410,6 +442,8 @@ class Service:
             if self._stopping.is_set():  # not started: claimable by others, nothing counted
                 return
             self._queued_suspects.discard(suspect.key)
+            if not self._not_held([suspect]):
+                continue
             self.inflight.hold(suspect)
             await self.inflight.wait(alone)
             if self._stopping.is_set():

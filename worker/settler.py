@@ -10,47 +10,61 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 from worker.broker import Broker
 from worker.errors import BrokerError, WorkerError
 from worker.inflight import Inflight
+from worker.logs import Outage
 from worker.metrics import Metrics
-from worker.protocol import Delivery, Settlement
+from worker.protocol import FOREIGN_RESULT_KEY, Delivery, Settlement
 
 logger = logging.getLogger(__name__)
 BROKER_RETRY_S = 0.5
+T = TypeVar("T")
 
 
 class Settler:
-    def __init__(
-        self, broker: Broker, inflight: Inflight, metrics: Metrics, redis_state: Callable[[bool], None]
-    ) -> None:
+    def __init__(self, broker: Broker, inflight: Inflight, metrics: Metrics) -> None:
         self.broker = broker
         self.inflight = inflight
         self.metrics = metrics
-        self._redis_state = redis_state
         self._keys = broker.keys
+        self._outages = {what: Outage(logger, what) for what in ("settle", "charging attempts")}
 
-    async def _until_done(self, what: str, call: Callable[[], Awaitable[object]]) -> None:
+    async def _until_done(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """``call`` retried until Redis takes it, logged once when it starts failing and once when
+        it works again."""
         while True:
             try:
-                await asyncio.shield(call())
-                self._redis_state(True)
-                return
+                result = await asyncio.shield(call())
             except BrokerError as exc:
-                self._redis_state(False)
-                logger.warning("%s failed, retrying: %s", what, exc)
+                self._outages[what].failed(exc)
                 await asyncio.sleep(BROKER_RETRY_S)
+                continue
+            self._outages[what].recovered()
+            return result
 
     async def settle(self, settlements: Sequence[Settlement], dead: bool = False) -> None:
         """Store results and acknowledge them in one round trip (dead letters copied first)."""
         if not settlements:
             return
         started = time.perf_counter()
-        await self._until_done("settle", lambda: self.broker.settle(settlements, dead))
+        settled = await self._until_done("settle", lambda: self.broker.settle(settlements, dead))
         self.metrics.settle.observe(time.perf_counter() - started)
+        foreign = {id(s) for s in settled.foreign}
+        for s in settled.foreign:
+            logger.error(
+                "job %s: its result key %s is not a result hash; left as it is, the job is dead-lettered",
+                s.result.job_id,
+                self._keys.result(s.result.job_id, self._keys.shard_of_stream(s.delivery.stream)),
+            )
+            self.metrics.jobs_completed.labels("error", FOREIGN_RESULT_KEY).inc()
+            self.metrics.dead_lettered.labels(FOREIGN_RESULT_KEY).inc()
         end_ms = time.time() * 1000
         for s in settlements:
+            if id(s) in foreign:
+                continue
             self.metrics.jobs_completed.labels(s.result.status, s.result.code).inc()
             if s.enqueued_ms:
                 priority = self._keys.priority_of(s.delivery.stream)

@@ -79,9 +79,9 @@ async def test_a_large_submission_goes_in_round_trips_of_bounded_size(
     async with AsyncClient(redis_url) as client:
         send = client._send
 
-        async def counted(requests: list[JobRequest]) -> None:
+        async def counted(requests: list[JobRequest]) -> dict[str, str]:
             round_trips.append((len(requests), sum(len(r.image) for r in requests)))
-            await send(requests)
+            return await send(requests)
 
         monkeypatch.setattr(client, "_send", counted)
         ids = await client.submit_many(photos[:12])

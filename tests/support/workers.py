@@ -35,10 +35,11 @@ PORT_LINE = re.compile(r"metrics and health on http://[^:]+:(\d+)/metrics")
 class WorkerProcess:
     """``python -m worker run`` in a subprocess; its log is collected for assertions and failures."""
 
-    def __init__(self, env: dict[str, str], *args: str) -> None:
+    def __init__(self, env: dict[str, str], *args: str, repo: Path = REPO) -> None:
+        """``repo``: the checkout to run (another one's worker against this one's tests)."""
         self.process = subprocess.Popen(
             [sys.executable, "-m", "worker", "run", *args],
-            cwd=REPO,
+            cwd=repo,
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

@@ -85,6 +85,32 @@ def test_the_shape_whose_oldest_item_came_first_goes_first() -> None:
     assert _items(batcher.take_ready()[0]) == [0]
 
 
+def test_a_high_priority_item_overtakes_the_queue_of_its_shape() -> None:
+    """Items >= 100 are high priority (0), the rest low (2): twenty low ones wait for a lane when a
+    high one arrives; the next batch takes it first, then the oldest low ones."""
+    batcher: Batcher[int] = Batcher(BUCKET, lambda _: SQUARE, Clock(), priority_of=lambda i: 0 if i >= 100 else 2)
+    for i in range(20):
+        batcher.put(i)
+    batcher.put(100)
+    assert _items(batcher.take_ready()[0]) == [100, 0, 1, 2, 3, 4, 5, 6]
+    assert _items(batcher.take_ready()[0]) == [7, 8, 9, 10, 11, 12, 13, 14]
+
+
+def test_among_ready_shapes_the_one_holding_the_highest_priority_goes_first() -> None:
+    clock = Clock()
+    wide = (64, 32)
+    batcher: Batcher[int] = Batcher(
+        BUCKET, lambda i: wide if i >= 50 else SQUARE, clock, priority_of=lambda i: 0 if i == 99 else 1
+    )
+    for i in range(4):  # a full opt batch of squares, first
+        batcher.put(i)
+    clock.now += 0.01
+    for i in (50, 51, 52, 99):  # then a full batch of wide ones, one of them high priority
+        batcher.put(i)
+    assert _items(batcher.take_ready()[0]) == [99, 50, 51, 52]
+    assert _items(batcher.take_ready()[0]) == [0, 1, 2, 3]
+
+
 async def test_close_flushes_remaining_then_ends() -> None:
     shapes = {0: (64, 64), 1: (32, 64), 2: (64, 64), 3: (32, 64), 4: (64, 64)}
     batcher = _batcher(Clock(), shapes)
