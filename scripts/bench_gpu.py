@@ -12,7 +12,8 @@ measure (on the GPU machine, once per precision):
                mixed:   the sample photos as they come; the raw engine then replays the same batch
                         mix (the bucket, shape and size of every batch the worker ran);
   boxes        of a sample of real photos, to compare fp16 with fp32.
-report (anywhere): docs/performance.md with the table, the ratios and a plot (PNG).
+report (anywhere): docs/measurements/report.md with every run's table and ratio, and the plot of
+  docs/performance.png (the page users read, docs/performance.md, is written by hand from them).
 
   python3.11 scripts/bench_gpu.py measure --precision fp32 --out bench-fp32.json
   python3.11 scripts/bench_gpu.py measure --precision fp16 --out bench-fp16.json
@@ -145,9 +146,18 @@ def worker_run(
         body = r.result
         key = (body["bucket"], body["batch_size"], body["input"]["padded_height"], body["input"]["padded_width"])
         mix[key] = mix.get(key, 0) + 1 / body["batch_size"]
+    decode_paths: dict[str, float] = {}
+    for (name, labels), value in run.metrics.items():
+        if name == "imgworker_decode_path_total":
+            path = dict(labels)["path"]
+            decode_paths[path] = decode_paths.get(path, 0) + value
     return {
         "jobs": len(images),
         "img_s": run.steady_rate,
+        # worker processes and engine server together; Redis on its own line
+        "vcpu_ms_per_image": 1000 * run.worker_cores / run.steady_rate,
+        "redis_vcpu_ms_per_image": 1000 * run.redis_cores / run.steady_rate,
+        "decode_paths": decode_paths,
         "p50_ms": statistics.median(in_worker),
         "p99_ms": float(np.percentile(in_worker, 99)),
         "mean_batch": len(images) / max(batches, 1),
@@ -195,7 +205,7 @@ def sample_boxes(settings: Settings, spec: ModelSpec, count: int = 40) -> dict[s
         for photo in sample_photos()[:: max(len(sample_photos()) // count, 1)][:count]:
             p = prepare(photo.read_bytes(), spec, Limits(40_000_000, 1 << 30), ByteBudget(1 << 30))
             lane = backend.lanes(p.bucket.id)[0]
-            lane.input(1, p.height, p.width)[0] = p.image
+            lane.input(1, p.height, p.width)[0] = p.pixels
             prob = lane.run(1, p.height, p.width)[engine_output(spec)]
             out[photo.name] = text_boxes(prob[0, 0], spec.postprocess, p.original_height, p.original_width)
         return out
@@ -265,13 +275,14 @@ def measure(args: argparse.Namespace) -> int:
         )
     best = max(sweep, key=lambda p: sweep[p]["img_s"])
     results["sweep"] = {p: {k: v for k, v in r.items() if k != "batch_mix"} for p, r in sweep.items()}
-    results["uniform"] = sweep[best]
-    run = worker_run(mixed_corpus(args.jobs), best, worker_env, cluster=args.cluster)
-    results["mixed"] = run
-    print(
-        f"worker, mixed, {best} processes: {run['img_s']:.0f} img/s, p50 {run['p50_ms']:.0f} ms, "
-        f"p99 {run['p99_ms']:.0f} ms, mean batch {run['mean_batch']:.1f}, {run['cores']:.1f} cores",
-        flush=True,
+    uniform_runs = [
+        sweep[best],
+        *(worker_run(uniform, best, worker_env, cluster=args.cluster) for _ in range(args.repeat - 1)),
+    ]
+    results["uniform"] = repeated(uniform_runs, "uniform")
+    mixed = mixed_corpus(args.jobs // 2)  # a steady window over 10 s at the mixed corpus's rate
+    results["mixed"] = repeated(
+        [worker_run(mixed, best, worker_env, cluster=args.cluster) for _ in range(args.repeat)], "mixed"
     )
     backend = open_engine(settings, spec, max(CONTEXTS))
     try:
@@ -284,6 +295,22 @@ def measure(args: argparse.Namespace) -> int:
     args.out.write_text(json.dumps(results, indent=1))
     print(f"written {args.out}", flush=True)
     return 0
+
+
+def repeated(runs: list[dict[str, Any]], corpus: str) -> dict[str, Any]:
+    """The run of median images/s, with every run's images/s and vCPU-ms per image beside it."""
+    median_run = sorted(runs, key=lambda r: r["img_s"])[len(runs) // 2]
+    rates = [r["img_s"] for r in runs]
+    cpu = [r["vcpu_ms_per_image"] for r in runs]
+    print(
+        f"worker, {corpus}, {median_run['processes']} processes, {len(runs)} runs: median {median_run['img_s']:.0f} "
+        f"img/s (spread {min(rates):.0f}-{max(rates):.0f}), {median_run['vcpu_ms_per_image']:.2f} vCPU-ms per image "
+        f"({min(cpu):.2f}-{max(cpu):.2f}), Redis {median_run['redis_vcpu_ms_per_image']:.2f}, "
+        f"p50 {median_run['p50_ms']:.0f} ms, p99 {median_run['p99_ms']:.0f} ms, "
+        f"decode paths {median_run['decode_paths']}",
+        flush=True,
+    )
+    return {**median_run, "runs_img_s": rates, "runs_vcpu_ms_per_image": cpu}
 
 
 def uniform_batch_shape(spec: ModelSpec) -> tuple[str, int, int, int]:
@@ -443,40 +470,41 @@ def box_agreement(fp32: dict[str, list[Any]], fp16: dict[str, list[Any]]) -> tup
 
 
 def plot(runs: list[dict[str, Any]], path: Path) -> None:
+    """One group of bars per run: the engine and the worker, on the uniform and the mixed corpus."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels, values, colors = [], [], []
-    for run in runs:
-        p = f"{label(run)}, {run['uniform']['processes']} proc"
-        for key in ("gpu_only", *(f"contexts_{c}" for c in CONTEXTS)):
-            labels.append(f"{p} engine {key.replace('contexts_', '').replace('gpu_only', 'GPU-only')}")
-            values.append(run["raw"][key])
-            colors.append("#9db4c0")
-        labels.append(f"{p} worker uniform")
-        values.append(run["uniform"]["img_s"])
-        colors.append("#2a6f97")
-        labels.append(f"{p} worker mixed")
-        values.append(run["mixed"]["img_s"])
-        colors.append("#f4a261")
-    fig, ax = plt.subplots(figsize=(10, 0.35 * len(labels) + 1), layout="constrained")
-    ax.barh(labels[::-1], values[::-1], color=colors[::-1])
+    def best_engine(raw: dict[str, float]) -> float:
+        return max(v for k, v in raw.items() if k.startswith("contexts_"))
+
+    bars: list[tuple[str, list[float], str]] = [  # (legend, a value per run, colour)
+        ("engine, uniform batches", [best_engine(r["raw"]) for r in runs], "#9db4c0"),
+        ("worker, uniform 512x384 JPEGs", [r["uniform"]["img_s"] for r in runs], "#2a6f97"),
+        ("engine, the mixed batch mix", [best_engine(r["mixed"]["raw"]) for r in runs], "#f6d5b0"),
+        ("worker, mixed real photos", [r["mixed"]["img_s"] for r in runs], "#e76f51"),
+    ]
+    height = 0.8 / len(bars)
+    fig, ax = plt.subplots(figsize=(9, 0.9 * len(runs) + 1.5), layout="constrained")
+    for i, (legend, values, colour) in enumerate(bars):
+        ax.barh([n + i * height for n in range(len(runs))], values, height, label=legend, color=colour)
+    ax.set_yticks([n + 0.4 - height / 2 for n in range(len(runs))])
+    ax.set_yticklabels([f"{r['precision']}\n{r['uniform']['processes']} workers, {r['cpus']} vCPUs" for r in runs])
+    ax.invert_yaxis()
     ax.set_xlabel("images/s")
-    # over the whole figure: the long bar labels leave the axes too narrow for it
-    fig.suptitle(f"{runs[0]['gpu']}, TensorRT {runs[0]['tensorrt']}: engine (contexts) and worker end to end")
+    fig.legend(loc="outside lower center", ncol=2, frameon=False)
+    ax.set_title(f"One {runs[0]['gpu']}, TensorRT {runs[0]['tensorrt']}: the engine alone and the worker end to end")
     fig.savefig(path, dpi=110)
 
 
 def report(args: argparse.Namespace) -> int:
     runs = [{**json.loads(p.read_text()), "source": p.parent.name} for p in args.results]
     first = runs[0]
-    out = args.docs / "performance.md"
-    png = args.docs / "performance.png"
-    plot(runs, png)
+    out = args.out_dir / "report.md"
+    plot(runs, args.plot)
     lines = [
-        "# Performance",
+        "# Every measured run",
         "",
         f"Measured on lent GPU machines ({first['gpu']}, TensorRT {first['tensorrt']}; each run's CPU cores, "
         "Redis and source folder under `docs/measurements/`, which names the machine and the session, are on its "
@@ -493,7 +521,7 @@ def report(args: argparse.Namespace) -> int:
             lines.append(f"    ratio {corpus} {run['precision']}: {ratio(run[corpus], raw):.2f}   ({setup(run)})")
     lines += [
         "",
-        "![images/s per configuration](performance.png)",
+        f"![images/s per configuration]({os.path.relpath(args.plot, args.out_dir)})",
         "",
         "p50/p99: from a worker reading a job to its result (every job is queued before the workers start).",
         "",
@@ -545,9 +573,7 @@ def report(args: argparse.Namespace) -> int:
     for path in args.gpus or []:
         lines += gpus_section(json.loads(path.read_text()), path.parent.name)
     if args.redis:
-        lines += redis_section(json.loads(args.redis.read_text()), args.docs / "performance-redis.png")
-    if args.notes:
-        lines += ["", args.notes.read_text().strip()]
+        lines += redis_section(json.loads(args.redis.read_text()), args.out_dir / "report-redis.png")
     out.write_text("\n".join(lines) + "\n")
     print(out.read_text())
     return 0
@@ -658,7 +684,8 @@ def main() -> int:
     m = sub.add_parser("measure")
     m.add_argument("--precision", choices=("fp32", "fp16"), required=True)
     m.add_argument("--out", type=Path, required=True)
-    m.add_argument("--jobs", type=int, default=4000)
+    m.add_argument("--jobs", type=int, default=40000, help="uniform jobs per run (the mixed corpus runs half)")
+    m.add_argument("--repeat", type=int, default=3, help="runs of each corpus; the median is reported")
     m.add_argument("--seconds", type=float, default=5.0, help="per raw engine configuration")
     m.add_argument(
         "--processes",
@@ -693,8 +720,8 @@ def main() -> int:
     r.add_argument("--cpu", type=Path, nargs="*", help="bench_cpu.py --json outputs")
     r.add_argument("--gpus", type=Path, nargs="*", help="bench_gpu.py gpus outputs")
     r.add_argument("--redis", type=Path, help="bench_redis.py --json output")
-    r.add_argument("--docs", type=Path, default=REPO / "docs")
-    r.add_argument("--notes", type=Path, help="markdown appended as it is: what the figures mean")
+    r.add_argument("--out-dir", type=Path, default=REPO / "docs" / "measurements", help="report.md and its plots")
+    r.add_argument("--plot", type=Path, default=REPO / "docs" / "performance.png", help="the one-plot summary")
     r.set_defaults(handler=report)
     args = parser.parse_args()
     return int(args.handler(args))
