@@ -70,7 +70,9 @@ CMD ["run"]
 FROM runtime AS gpu
 COPY --from=build-gpu /opt/imgworker /opt/imgworker
 COPY --from=build /opt/imgworker-assets /opt/imgworker-assets
-ENV IMGWORKER_BACKEND__KIND=tensorrt
+# video: the GPU's JPEG engines are visible in a container only with this driver capability
+ENV IMGWORKER_BACKEND__KIND=tensorrt \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility,video
 USER 10001
 
 FROM runtime AS cpu

@@ -48,7 +48,7 @@ def baseline(images: list[bytes], settings: Settings) -> float:
         for data in images:
             p = prepare(data, spec, limits, budget)
             lane = backend.lanes(p.bucket.id)[0]
-            lane.input(1, p.height, p.width)[0] = p.image
+            lane.input(1, p.height, p.width)[0] = p.pixels
             prob = lane.run(1, p.height, p.width)[output]
             text_boxes(prob[0, 0], spec.postprocess, p.original_height, p.original_width)
         return len(images) / (time.process_time() - started)

@@ -220,6 +220,7 @@ def precision_env(precision: str) -> dict[str, str]:
         "IMGWORKER_BACKEND__KIND": "tensorrt",
         "IMGWORKER_BACKEND__TENSORRT__FP16": "true" if precision == "fp16" else "false",
         "IMGWORKER_BACKEND__TENSORRT__TF32": "false",
+        "IMGWORKER_BACKEND__TENSORRT__GPU_JPEG": os.environ.get("IMGWORKER_BACKEND__TENSORRT__GPU_JPEG", "true"),
     }
     os.environ.update(env)
     return env

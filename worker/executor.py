@@ -20,7 +20,7 @@ import numpy.typing as npt
 
 from worker.backends.base import Backend, Lane
 from worker.buckets import BucketSpec, ModelSpec
-from worker.errors import BackendError, JobExpiredError, TransientError
+from worker.errors import BackendError, DecodeError, JobExpiredError, TransientError
 from worker.graph import engine_output
 from worker.imaging import Prepared, assemble
 from worker.metrics import Metrics
@@ -151,18 +151,29 @@ class BucketExecutor:
         self._batch_fill.observe(len(live) / self.bucket.max_batch)
         self._padding_waste.observe(waste)
         for job, out in zip(live, outputs, strict=True):
+            if out is None:
+                done.append(job.failure(DecodeError.code, "JPEG could not be decoded (corrupt data)"))
+                continue
             job.timings_ms["inference"] = round(infer_s * 1000, 2)
             done.append(Inferred(job, out, len(live)))
         return done
 
-    def _run_on_lane(self, lane: Lane, jobs: list[Job]) -> tuple[list[dict[str, npt.NDArray[Any]]], float]:
-        """On the lane's thread: pixels straight into the lane's buffer, run, copy out valid regions."""
+    def _run_on_lane(self, lane: Lane, jobs: list[Job]) -> tuple[list[dict[str, npt.NDArray[Any]] | None], float]:
+        """On the lane's thread: pixels straight into the lane's buffer (JPEGs to the device, which
+        decodes them into their slots), run, copy out valid regions; None for a JPEG the device
+        could not decode."""
         height, width = jobs[0].padded_shape
         n = len(jobs)
-        waste = assemble(lane.input(n, height, width), [job.prepared.image for job in jobs], self._pad)
-        outputs = lane.run(n, height, width)
-        crops = []
+        waste = assemble(lane.input(n, height, width), [job.prepared.slot for job in jobs], self._pad)
+        compressed = [
+            (i, p.compressed, p.height, p.width) for i, p in enumerate(job.prepared for job in jobs) if p.compressed
+        ]
+        outputs = lane.run(n, height, width, compressed)
+        crops: list[dict[str, npt.NDArray[Any]] | None] = []
         for i, job in enumerate(jobs):
+            if i in lane.undecodable:
+                crops.append(None)
+                continue
             h, w = job.prepared.height, job.prepared.width
             wanted = outputs.items() if job.request.want_tensors else [(self._output, outputs[self._output])]
             crops.append({name: out[i, ..., :h, :w].copy() for name, out in wanted})

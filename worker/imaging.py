@@ -14,7 +14,7 @@ import struct
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -29,8 +29,9 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image, UnidentifiedImageError
 
+from worker import jpeg
 from worker.buckets import BucketSpec, ModelSpec, downscale_to_fit, select_bucket
-from worker.errors import DecodeError, ImageTooLargeError, NoBucketError
+from worker.errors import DecodeError, ImageTooLargeError, InternalError, NoBucketError
 
 cv2.setNumThreads(1)  # parallelism comes from the decode pool, not from inside each call
 Image.MAX_IMAGE_PIXELS = None  # our own limits apply, from the header, before Pillow decodes anything
@@ -38,8 +39,6 @@ warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")  # corr
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JPEG_SOI = b"\xff\xd8"
-_JPEG_SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
-_JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})  # TEM, RSTn: no length field
 #: formats read through Pillow's header parsers (never EPS and the like, which run external programs)
 PILLOW_FORMATS = ("WEBP", "TIFF", "BMP", "GIF", "PPM", "TGA", "JPEG", "PNG")
 #: channel count and bytes per sample of Pillow modes; anything else is converted to RGB(A) first
@@ -95,32 +94,8 @@ class ImageInfo:
 
 
 def _jpeg_info(data: bytes) -> ImageInfo:
-    pos = 2
-    while pos + 4 <= len(data):
-        if data[pos] != 0xFF:  # stray bytes between segments: skip to the next marker, as libjpeg does
-            pos = data.find(b"\xff", pos)
-            if pos < 0:
-                break
-            continue
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if marker in _JPEG_STANDALONE:
-            pos += 2
-            continue
-        (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
-        if marker in _JPEG_SOF_MARKERS:
-            if pos + 10 > len(data):
-                break
-            bits, height, width, components = struct.unpack(">BHHB", data[pos + 4 : pos + 10])
-            if not (height and width and components in (1, 3, 4)):
-                raise DecodeError(f"JPEG frame header is invalid ({width}x{height}, {components} components)")
-            return ImageInfo("jpeg", height, width, 3, 1, bits)
-        if marker in (0xD9, 0xDA) or length < 2:  # end of image or start of scan before any frame
-            break
-        pos += 2 + length
-    raise DecodeError("JPEG has no frame header (truncated or corrupt)")
+    frame = jpeg.layout(data)
+    return ImageInfo("jpeg", frame.height, frame.width, 3, 1, frame.bits)
 
 
 def _png_info(data: bytes) -> ImageInfo:
@@ -284,9 +259,10 @@ def decode(data: bytes, info: ImageInfo, reduce: int = 1) -> ImageU8:
 
 @dataclass(frozen=True)
 class Prepared:
-    """One image ready for batching: uint8 BGR at its input size, its padded shape, how to map back."""
+    """One image ready for batching: uint8 BGR at its input size (or, for the GPU to decode, a JPEG
+    already at its input size, still compressed), its padded shape, how to map back."""
 
-    image: ImageU8
+    image: ImageU8 | None
     bucket: BucketSpec
     original_height: int
     original_width: int
@@ -294,14 +270,30 @@ class Prepared:
     padded_width: int
     #: time spent decoding and resizing on a decode thread
     decode_s: float = 0.0
+    #: the JPEG itself, when the engine's device decodes it (``image`` is then None)
+    compressed: bytes | None = None
+    #: what the header said it is (jpeg, png, webp...)
+    format: str = ""
+
+    @property
+    def pixels(self) -> ImageU8:
+        """The decoded image, for callers that never ask the device to decode."""
+        if self.image is None:
+            raise InternalError("this image is left for the device to decode")
+        return self.image
+
+    @property
+    def slot(self) -> ImageU8 | tuple[int, int]:
+        """What a batch slot gets: the pixels, or the size the device decodes the JPEG to."""
+        return (self.height, self.width) if self.image is None else self.image
 
     @property
     def height(self) -> int:
-        return int(self.image.shape[0])
+        return self.original_height if self.image is None else int(self.image.shape[0])
 
     @property
     def width(self) -> int:
-        return int(self.image.shape[1])
+        return self.original_width if self.image is None else int(self.image.shape[1])
 
 
 @dataclass(frozen=True)
@@ -342,8 +334,30 @@ def reduction(info: ImageInfo, target_h: int, target_w: int) -> int:
     return 1
 
 
-def prepare(data: bytes, spec: ModelSpec, limits: Limits, budget: ByteBudget) -> Prepared:
-    """Probe, check, decode within the budget, resize and route one image."""
+def _padded(bucket: BucketSpec, height: int, width: int, spec: ModelSpec) -> tuple[int, int]:
+    grid = spec.preprocess.resize.pad_multiple
+    return min(-(-height // grid) * grid, bucket.max[1]), min(-(-width // grid) * grid, bucket.max[2])
+
+
+def _for_the_device(data: bytes, info: ImageInfo, spec: ModelSpec, started: float) -> Prepared | None:
+    """The JPEG as it is, when the device decodes it to exactly its input size: no resize, no
+    rotation, a layout its decoders take, nothing cut short, and no bigger than its pixels (it
+    travels in their place)."""
+    if info.format != "jpeg" or not jpeg.layout(data).gpu_decodable or _jpeg_truncated(data):
+        return None
+    bucket, h, w = route(info.height, info.width, spec)
+    padded_h, padded_w = _padded(bucket, h, w, spec)
+    if (h, w) != (info.height, info.width) or len(data) > padded_h * padded_w * 3:
+        return None
+    elapsed = time.perf_counter() - started
+    return Prepared(None, bucket, h, w, padded_h, padded_w, elapsed, compressed=data, format=info.format)
+
+
+def prepare(
+    data: bytes, spec: ModelSpec, limits: Limits, budget: ByteBudget, device_decodes_jpeg: bool = False
+) -> Prepared:
+    """Probe, check, decode within the budget, resize and route one image; with
+    ``device_decodes_jpeg``, a JPEG the device can decode at its input size is left compressed."""
     if not isinstance(data, bytes | bytearray | memoryview):
         raise DecodeError(f"image must be bytes, got {type(data).__name__}")
     if len(data) == 0:
@@ -353,6 +367,8 @@ def prepare(data: bytes, spec: ModelSpec, limits: Limits, budget: ByteBudget) ->
     info = probe(data)
     if info.pixels > limits.max_pixels:
         raise ImageTooLargeError(f"image is {info.width}x{info.height} pixels, the limit is {limits.max_pixels}")
+    if device_decodes_jpeg and (compressed := _for_the_device(data, info, spec, started)) is not None:
+        return compressed
     # Header dimensions choose the JPEG scale; EXIF may swap them, which swaps the target alike.
     _, header_h, header_w = route(info.height, info.width, spec)
     reduce = reduction(info, header_h, header_w)
@@ -374,17 +390,20 @@ def prepare(data: bytes, spec: ModelSpec, limits: Limits, budget: ByteBudget) ->
         if image.shape[:2] != (h, w):
             image = np.asarray(cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR), dtype=np.uint8)
         image = np.ascontiguousarray(image)
-    grid = spec.preprocess.resize.pad_multiple
-    padded_h = min(-(-h // grid) * grid, bucket.max[1])
-    padded_w = min(-(-w // grid) * grid, bucket.max[2])
-    return Prepared(image, bucket, original_h, original_w, padded_h, padded_w, time.perf_counter() - started)
+    padded_h, padded_w = _padded(bucket, h, w, spec)
+    elapsed = time.perf_counter() - started
+    return Prepared(image, bucket, original_h, original_w, padded_h, padded_w, elapsed, format=info.format)
 
 
-def assemble(out: ImageU8, images: list[ImageU8], pad_value: tuple[int, int, int]) -> float:
-    """Write images into an [N,H,W,3] buffer (padding right and below each); returns the padding share."""
+def assemble(out: ImageU8, images: Sequence[ImageU8 | tuple[int, int]], pad_value: tuple[int, int, int]) -> float:
+    """Write images into an [N,H,W,3] buffer (padding right and below each); returns the padding
+    share. A (height, width) in place of an image is a slot the device decodes into: left alone."""
     _, height, width, _ = out.shape
     valid = 0
     for i, image in enumerate(images):
+        if isinstance(image, tuple):
+            valid += image[0] * image[1]
+            continue
         h, w = image.shape[:2]
         out[i, :h, :w] = image
         if w < width:

@@ -60,6 +60,12 @@ class Metrics:
         self.queue_wait = hist("queue_wait_seconds", "Enqueue to read by a worker", ("priority",))
         self.decode_wait = hist("decode_wait_seconds", "Time a read job waited for a decode thread")
         self.decode = hist("decode_seconds", "Decode, resize and route of one image on a decode thread")
+        self.decode_paths = Counter(
+            f"{PREFIX}_decode_path",
+            "Images by where they are decoded: gpu (the engine's device, JPEGs at their input size) or cpu",
+            ["path", "format"],
+            registry=r,
+        )
         self.batch_wait = hist("batch_wait_seconds", "Time a job waited in its bucket's batcher", ("bucket",))
         self.inference = hist("inference_seconds", "One batch on its lane: assembly, copies and execution", ("bucket",))
         self.postprocess = hist("postprocess_seconds", "Boxes and result documents of one batch", ("bucket",))

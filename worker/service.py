@@ -518,6 +518,7 @@ class Service:
                 continue
             self.metrics.decode_wait.observe(wait_s)
             self.metrics.decode.observe(prepared.decode_s)
+            self.metrics.decode_paths.labels("gpu" if prepared.compressed else "cpu", prepared.format).inc()
             timings = {
                 "queue": queue_ms,
                 "decode_wait": round(wait_s * 1000, 2),
@@ -538,7 +539,8 @@ class Service:
         for image in images:
             wait_s = time.perf_counter() - submitted
             try:
-                out.append((wait_s, prepare(image, self.spec, self._limits, self._budget)))
+                prepared = prepare(image, self.spec, self._limits, self._budget, self.backend.decodes_jpeg)
+                out.append((wait_s, prepared))
             except Exception as exc:  # one bad image fails alone; the caller turns it into its result
                 out.append((wait_s, exc))
         return out

@@ -51,7 +51,10 @@ def gpu_settings(gpu: None) -> Settings:
     base = Settings.load()
     return Settings.load(
         model_spec=SMALL_SPEC,
-        backend={"kind": "tensorrt", "tensorrt": {**base.backend.tensorrt.model_dump(), "tf32": False}},
+        backend={
+            "kind": "tensorrt",
+            "tensorrt": {**base.backend.tensorrt.model_dump(), "tf32": False, "gpu_jpeg": True},
+        },
     )
 
 

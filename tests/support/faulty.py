@@ -10,10 +10,11 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from collections.abc import Sequence
 
 import numpy as np
 
-from worker.backends.base import Lane, Outputs
+from worker.backends.base import Compressed, Lane, Outputs
 from worker.backends.fake import FakeBackend, FakeLane
 from worker.backends.onnxruntime import OnnxRuntimeBackend, OnnxRuntimeLane
 from worker.buckets import BucketSpec
@@ -29,10 +30,10 @@ def holds_poison(pixels: np.ndarray) -> bool:
 
 
 class _PoisonOrtLane(OnnxRuntimeLane):
-    def _run(self, n: int, height: int, width: int) -> Outputs:
+    def _run(self, n: int, height: int, width: int, compressed: Sequence[Compressed]) -> Outputs:
         if holds_poison(self._input(n, height, width)):
             raise BackendError(f"refusing a batch of {n}x{height}x{width}: it holds the test poison")
-        return super()._run(n, height, width)
+        return super()._run(n, height, width, compressed)
 
 
 class PoisonColourBackend(OnnxRuntimeBackend):
@@ -49,7 +50,7 @@ class _FaultyFakeLane(FakeLane):
         super().__init__(bucket, backend)
         self._faulty = backend
 
-    def _run(self, n: int, height: int, width: int) -> Outputs:
+    def _run(self, n: int, height: int, width: int, compressed: Sequence[Compressed]) -> Outputs:
         if holds_poison(self._input(n, height, width)):
             mode = self._faulty.mode
             if mode == "bug":
@@ -61,7 +62,7 @@ class _FaultyFakeLane(FakeLane):
                 self._faulty.release.wait()
             if mode == "transient":
                 raise BackendError("a transient failure")
-        return super()._run(n, height, width)
+        return super()._run(n, height, width, compressed)
 
 
 class FaultyFakeBackend(FakeBackend):
@@ -79,10 +80,10 @@ class FaultyFakeBackend(FakeBackend):
 
 
 class _CrashingLane(FakeLane):
-    def _run(self, n: int, height: int, width: int) -> Outputs:
+    def _run(self, n: int, height: int, width: int, compressed: Sequence[Compressed]) -> Outputs:
         if holds_poison(self._input(n, height, width)):
             os.kill(os.getpid(), signal.SIGKILL)  # as a segfault in a decoder or driver would
-        return super()._run(n, height, width)
+        return super()._run(n, height, width, compressed)
 
 
 class CrashingFakeBackend(FakeBackend):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 import enum
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -24,6 +25,8 @@ from worker.settings import BackendSettings
 
 Outputs = dict[str, npt.NDArray[Any]]
 Pixels = npt.NDArray[np.uint8]
+#: a batch slot the device decodes: (slot, the JPEG's bytes, its height, its width)
+Compressed = tuple[int, bytes | memoryview, int, int]
 
 
 class State(enum.Enum):
@@ -64,9 +67,14 @@ class HostBlock:
 class Lane(abc.ABC):
     """One execution slot of one bucket; the caller uses a lane from one thread at a time."""
 
+    #: whether ``run`` takes JPEGs for the device to decode
+    decodes_jpeg = False
+
     def __init__(self, bucket: BucketSpec, spec: ModelSpec) -> None:
         self.bucket = bucket
         self.spec = spec
+        #: slots of the last run whose JPEG the device could not decode
+        self.undecodable: set[int] = set()
 
     def _check(self, n: int, height: int, width: int) -> None:
         if not self.bucket.contains(n, height, width):
@@ -80,20 +88,28 @@ class Lane(abc.ABC):
         self._check(n, height, width)
         return self._input(n, height, width)
 
-    def run(self, n: int, height: int, width: int) -> Outputs:
-        """Run the batch written into ``input(n, height, width)``; outputs are valid until the next run."""
+    def run(self, n: int, height: int, width: int, compressed: Sequence[Compressed] = ()) -> Outputs:
+        """Run the batch written into ``input(n, height, width)``; outputs are valid until the next run.
+
+        ``compressed``: slots whose JPEG the device decodes into the batch (lanes of a backend
+        with ``decodes_jpeg``); those it could not decode are in ``undecodable`` after the run,
+        their outputs meaningless, the other slots' unaffected."""
         self._check(n, height, width)
-        outputs = self._run(n, height, width)
+        if compressed and not self.decodes_jpeg:
+            raise InternalError(f"{type(self).__name__} cannot decode JPEGs on a device")
+        outputs = self._run(n, height, width, compressed)
         for name, array in outputs.items():
             if array.shape[0] != n:
                 raise InternalError(f"output {name} has {array.shape[0]} rows for a batch of {n}")
         return outputs
 
-    def run_block(self, block: HostBlock, n: int, height: int, width: int) -> dict[str, tuple[int, ...]]:
+    def run_block(
+        self, block: HostBlock, n: int, height: int, width: int, compressed: Sequence[Compressed] = ()
+    ) -> dict[str, tuple[int, ...]]:
         """Run the batch whose pixels are in ``block``, its outputs written back into it; their shapes."""
         self.input(n, height, width)[:] = block.pixels(n, height, width)
         shapes = {}
-        for name, array in self.run(n, height, width).items():
+        for name, array in self.run(n, height, width, compressed).items():
             block.output(name, array.shape)[:] = array
             shapes[name] = array.shape
         return shapes
@@ -102,7 +118,7 @@ class Lane(abc.ABC):
     def _input(self, n: int, height: int, width: int) -> Pixels: ...
 
     @abc.abstractmethod
-    def _run(self, n: int, height: int, width: int) -> Outputs: ...
+    def _run(self, n: int, height: int, width: int, compressed: Sequence[Compressed]) -> Outputs: ...
 
     def close(self) -> None:  # noqa: B027 - an optional hook
         """Free what the lane holds (device and pinned memory)."""
@@ -168,6 +184,11 @@ class Backend(abc.ABC):
     def describe(self) -> dict[str, str]:
         """Labels for the build-info metric and logs."""
         return {"kind": self.kind}
+
+    @property
+    def decodes_jpeg(self) -> bool:
+        """Whether its lanes take JPEGs (at their input size) for the device to decode."""
+        return False
 
     def pin(self, block: HostBlock) -> None:  # noqa: B027 - only device backends copy from host memory
         """Make ``block`` directly usable by the device, where the backend can (sets ``block.pinned``)."""

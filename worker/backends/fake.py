@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import cv2
 import numpy as np
 import numpy.typing as npt
 
-from worker.backends.base import Backend, HostLane, Lane, Outputs
+from worker.backends.base import Backend, Compressed, HostLane, Lane, Outputs
 from worker.buckets import BucketSpec, ModelSpec
 from worker.errors import EngineLoadError
 from worker.graph import engine_output
@@ -37,7 +38,7 @@ def record_probability_map(spec: ModelSpec, onnx_path: Path, photo: bytes) -> Pa
     bucket = BucketSpec(id="record", min=(1, h, w), opt=(1, h, w), max=(1, h, w))
     with OnnxRuntimeBackend(uint8_spec.model_copy(update={"buckets": (bucket,)}), onnx_path, BackendSettings()) as ort:
         (lane,) = ort.lanes("record")
-        lane.input(1, h, w)[0] = prepared.image
+        lane.input(1, h, w)[0] = prepared.pixels
         prob = lane.run(1, h, w)[engine_output(uint8_spec)][0, 0]
     path = recorded_map_path(onnx_path)
     if not cv2.imwrite(str(path), prob):
@@ -50,7 +51,7 @@ class FakeLane(HostLane):
         super().__init__(bucket, backend.spec)
         self._backend = backend
 
-    def _run(self, n: int, height: int, width: int) -> Outputs:
+    def _run(self, n: int, height: int, width: int, compressed: Sequence[Compressed]) -> Outputs:
         fake = self._backend.settings.fake
         time.sleep((fake.batch_ms + n * fake.image_ms) / 1000)
         prob = self._backend.map_at(height, width)

@@ -6,9 +6,11 @@ normalisation inside the graph.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import onnxruntime as ort
 
-from worker.backends.base import Backend, HostLane, Lane, Outputs
+from worker.backends.base import Backend, Compressed, HostLane, Lane, Outputs
 from worker.buckets import BucketSpec
 from worker.errors import BackendError, EngineLoadError
 from worker.graph import ENGINE_INPUT, engine_graph
@@ -19,7 +21,7 @@ class OnnxRuntimeLane(HostLane):
         super().__init__(bucket, backend.spec)
         self._session = backend.session
 
-    def _run(self, n: int, height: int, width: int) -> Outputs:
+    def _run(self, n: int, height: int, width: int, compressed: Sequence[Compressed]) -> Outputs:
         try:
             values = self._session.run(None, {ENGINE_INPUT: self._input(n, height, width)})
         except Exception as exc:  # ORT raises its own untyped exceptions

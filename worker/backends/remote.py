@@ -20,6 +20,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Sequence
 from multiprocessing import resource_tracker
 from multiprocessing.connection import Client, Connection, Listener
 from multiprocessing.shared_memory import SharedMemory
@@ -28,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from worker.backends.base import Backend, HostBlock, Lane, Outputs, Pixels
+from worker.backends.base import Backend, Compressed, HostBlock, Lane, Outputs, Pixels
 from worker.buckets import BucketSpec, ModelSpec
 from worker.errors import (
     BackendError,
@@ -120,8 +121,8 @@ class EngineServer:
             self.backend.pin(block)
             conn.send(("attached", block.pinned))
             while True:
-                _, n, h, w = conn.recv()
-                conn.send(self._run(bucket, block, (n, h, w)))
+                _, n, h, w, jpegs = conn.recv()
+                conn.send(self._run(bucket, block, (n, h, w), jpegs))
         except (EOFError, OSError):
             pass  # the worker went away
         except WorkerError as exc:  # the device failed while pinning: the worker sees its server go
@@ -140,10 +141,19 @@ class EngineServer:
         except WorkerError as exc:  # a broken device: the memory is unmapped all the same
             logger.warning("engine server: cannot unpin a worker's shared memory: %s", exc)
 
-    def _run(self, bucket: BucketSpec, block: HostBlock, shape: tuple[int, int, int]) -> tuple[Any, ...]:
+    def _run(
+        self, bucket: BucketSpec, block: HostBlock, shape: tuple[int, int, int], jpegs: list[tuple[int, int, int, int]]
+    ) -> tuple[Any, ...]:
+        """``jpegs``: (slot, length, height, width) of the JPEGs the worker left in their slots."""
+        n, h, w = shape
+        slot_bytes = h * w * self.spec.channels
+        compressed = [
+            (slot, block.buffer[slot * slot_bytes : slot * slot_bytes + length], height, width)
+            for slot, length, height, width in jpegs
+        ]
         lane = self._free[bucket.id].get()
         try:
-            return ("ok", lane.run_block(block, *shape))
+            return ("ok", lane.run_block(block, n, h, w, compressed), sorted(lane.undecodable))
         except WorkerError as exc:
             return ("error", type(exc).__name__, str(exc), not self.backend.healthy)
         except Exception as exc:
@@ -181,13 +191,21 @@ class RemoteLane(Lane):
             raise EngineLoadError(f"the engine server refused a lane of bucket {bucket.id}")
         #: the server's device copies straight from and into this block (no staging copies)
         self.pinned: bool = reply[1]
+        self.decodes_jpeg = backend.decodes_jpeg
 
     def _input(self, n: int, height: int, width: int) -> Pixels:
         return np.ndarray((n, height, width, self.spec.channels), np.uint8, buffer=self._shm.buf)
 
-    def _run(self, n: int, height: int, width: int) -> Outputs:
+    def _run(self, n: int, height: int, width: int, compressed: Sequence[Compressed]) -> Outputs:
+        """JPEGs travel in their slots of the block, compressed, for the server's device to decode."""
+        slot_bytes = height * width * self.spec.channels
+        block = self._shm.buf
+        assert block is not None  # open until close()
+        for slot, data, _, _ in compressed:
+            block[slot * slot_bytes : slot * slot_bytes + len(data)] = data
+        jpegs = [(slot, len(data), h, w) for slot, data, h, w in compressed]
         try:
-            self._conn.send(("run", n, height, width))
+            self._conn.send(("run", n, height, width, jpegs))
             reply = self._conn.recv()
         except (EOFError, OSError) as exc:
             self._backend.healthy = False
@@ -197,6 +215,7 @@ class RemoteLane(Lane):
             if lost:
                 self._backend.healthy = False
             raise _ERRORS.get(kind, BackendError)(f"engine server: {message}")
+        self.undecodable = set(reply[2])
         return {
             name: np.ndarray(shape, self._outputs[name][0], buffer=self._shm.buf, offset=self._outputs[name][1])
             for name, shape in reply[1].items()
@@ -230,6 +249,10 @@ class RemoteBackend(Backend):
 
     def _make_lanes(self, bucket: BucketSpec, profile: int) -> list[Lane]:
         return [RemoteLane(bucket, self) for _ in range(self.settings.remote.lanes)]
+
+    @property
+    def decodes_jpeg(self) -> bool:
+        return bool(getattr(self, "server", {}).get("jpeg_decode") == "gpu")
 
     def describe(self) -> dict[str, str]:
         return {**getattr(self, "server", {}), "kind": f"remote {getattr(self, 'server', {}).get('kind', '?')}"}

@@ -169,3 +169,27 @@ def copy_to_host(dst_address: int, src: DeviceBuffer, nbytes: int, stream: Strea
 
 def fill_u8(dst: DeviceBuffer, value: int, count: int, stream: Stream) -> None:
     ck(cu.cuMemsetD8Async(dst.handle, value, count, stream.handle), "cuMemsetD8Async")
+
+
+def fill_at(address: int, value: int, count: int, stream: Stream) -> None:
+    """``count`` bytes of ``value`` at a device address (inside a buffer)."""
+    ck(cu.cuMemsetD8Async(address, value, count, stream.handle), "cuMemsetD8Async")
+
+
+def copy_rows(dst: tuple[int, int], src: tuple[int, int], row_bytes: int, rows: int, stream: Stream) -> None:
+    """Device to device, row by row (each side an address and its row pitch): an image into a wider,
+    padded slot."""
+    copy = cu.CUDA_MEMCPY2D()
+    copy.srcMemoryType = cu.CUmemorytype.CU_MEMORYTYPE_DEVICE
+    copy.srcDevice, copy.srcPitch = src
+    copy.dstMemoryType = cu.CUmemorytype.CU_MEMORYTYPE_DEVICE
+    copy.dstDevice, copy.dstPitch = dst
+    copy.WidthInBytes = row_bytes
+    copy.Height = rows
+    ck(cu.cuMemcpy2DAsync(copy, stream.handle), "cuMemcpy2DAsync")
+
+
+def free_device_memory() -> int:
+    """Bytes free on the current device: what a leak would eat."""
+    free, _ = ck(cu.cuMemGetInfo(), "cuMemGetInfo")
+    return int(free)

@@ -11,6 +11,7 @@ from worker.backends.tensorrt._cuda import CudaError, Device, register_host, unr
 from worker.backends.tensorrt._logger import trt_logger
 from worker.backends.tensorrt.build import plan_for
 from worker.backends.tensorrt.engine import check_profiles, deserialize
+from worker.backends.tensorrt.jpeg_decoder import DeviceJpegDecoder
 from worker.backends.tensorrt.lane import TensorRTLane
 from worker.buckets import BucketSpec
 from worker.errors import EngineLoadError
@@ -33,6 +34,7 @@ class TensorRTBackend(Backend):
             self.plan_path = plan_for(self.spec, self.onnx_path, settings, self.device, force=True)
             self.engine = deserialize(self.runtime, self.plan_path)
         check_profiles(self.engine, self.spec)
+        self.jpeg = DeviceJpegDecoder.open(self.device, self.spec.preprocess.pad_value()) if settings.gpu_jpeg else None
         logger.info(
             "TensorRT %s on %s (sm %s): %d buckets x %d contexts, each with its own stream",
             trt.__version__,
@@ -45,7 +47,13 @@ class TensorRTBackend(Backend):
     def _make_lanes(self, bucket: BucketSpec, profile: int) -> list[Lane]:
         return [
             TensorRTLane(
-                self.engine, self.spec, bucket, profile=profile, device=self.device, on_sticky=self._sticky_error
+                self.engine,
+                self.spec,
+                bucket,
+                profile=profile,
+                device=self.device,
+                on_sticky=self._sticky_error,
+                jpeg_decoder=self.jpeg,
             )
             for _ in range(self.settings.tensorrt.instances)
         ]
@@ -70,13 +78,19 @@ class TensorRTBackend(Backend):
         """A CUDA error that poisons the context: this process cannot use the GPU any more."""
         self.healthy = False
 
+    @property
+    def decodes_jpeg(self) -> bool:
+        return getattr(self, "jpeg", None) is not None
+
     def _close(self) -> None:
+        if self.jpeg is not None:
+            self.jpeg.close()
         del self.engine
         del self.runtime
         self.device.release()
 
     def describe(self) -> dict[str, str]:
-        info = {"kind": self.kind, "tensorrt": trt.__version__}
+        info = {"kind": self.kind, "tensorrt": trt.__version__, "jpeg_decode": "gpu" if self.decodes_jpeg else "cpu"}
         if hasattr(self, "device"):
             info.update(device=self.device.name, compute_capability=self.device.compute_capability)
         if hasattr(self, "plan_path"):

@@ -8,12 +8,12 @@ shared-memory block, pinned by the engine server, is copied from and into direct
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
-from worker.backends.base import HostBlock, Lane, Outputs, Pixels
+from worker.backends.base import Compressed, HostBlock, Lane, Outputs, Pixels
 from worker.backends.tensorrt import _compat
 from worker.backends.tensorrt._cuda import (
     CudaError,
@@ -27,6 +27,7 @@ from worker.backends.tensorrt._cuda import (
 )
 from worker.backends.tensorrt._logger import trt_logger
 from worker.backends.tensorrt.engine import TensorInfo, io_tensors
+from worker.backends.tensorrt.jpeg_decoder import DeviceJpegDecoder
 from worker.buckets import BucketSpec, ModelSpec
 from worker.errors import BackendError, EngineLoadError, ShapeOutOfProfileError
 from worker.graph import ENGINE_INPUT
@@ -45,8 +46,11 @@ class TensorRTLane(Lane):
         profile: int,
         device: Device,
         on_sticky: Callable[[], None],
+        jpeg_decoder: DeviceJpegDecoder | None = None,
     ) -> None:
         super().__init__(bucket, spec)
+        self._jpeg = jpeg_decoder
+        self.decodes_jpeg = jpeg_decoder is not None
         self.profile = profile
         self.device = device
         self._on_sticky = on_sticky
@@ -84,7 +88,7 @@ class TensorRTLane(Lane):
         view: Pixels = self.host_buffers[self.input_tensor.name].view((n, height, width, self.spec.channels), np.uint8)
         return view
 
-    def _run(self, n: int, height: int, width: int) -> Outputs:
+    def _run(self, n: int, height: int, width: int, compressed: Sequence[Compressed]) -> Outputs:
         """Through the lane's own pinned buffers; the outputs are views of them."""
         views: Outputs = {}
 
@@ -92,13 +96,17 @@ class TensorRTLane(Lane):
             views[out.name] = self.host_buffers[out.name].view(shape, out.dtype)
             return self.host_buffers[out.name].address
 
-        self._copied_run(n, height, width, self.host_buffers[self.input_tensor.name].address, own_buffer)
+        self._copied_run(
+            n, height, width, self.host_buffers[self.input_tensor.name].address, own_buffer, compressed=compressed
+        )
         return views
 
-    def run_block(self, block: HostBlock, n: int, height: int, width: int) -> dict[str, tuple[int, ...]]:
+    def run_block(
+        self, block: HostBlock, n: int, height: int, width: int, compressed: Sequence[Compressed] = ()
+    ) -> dict[str, tuple[int, ...]]:
         """A pinned block is copied from and into directly: no staging copy through the lane's buffers."""
         if not block.pinned:
-            return super().run_block(block, n, height, width)
+            return super().run_block(block, n, height, width, compressed)
         self._check(n, height, width)
         shapes: dict[str, tuple[int, ...]] = {}
 
@@ -106,20 +114,37 @@ class TensorRTLane(Lane):
             shapes[out.name] = shape
             return block.output_address(out.name, shape)
 
-        self._copied_run(n, height, width, block.address, into_block)
+        self._copied_run(n, height, width, block.address, into_block, compressed=compressed)
         return shapes
 
-    def _copied_run(self, n: int, height: int, width: int, source: int, destination: Destination) -> None:
+    def _copied_run(
+        self,
+        n: int,
+        height: int,
+        width: int,
+        source: int,
+        destination: Destination,
+        *,
+        compressed: Sequence[Compressed],
+    ) -> None:
         try:
-            self._execute(n, height, width, (source, destination))
+            self._execute(n, height, width, (source, destination), compressed)
         except CudaError as exc:
             if exc.sticky:
                 self._on_sticky()
             raise
 
-    def _execute(self, n: int, height: int, width: int, copies: tuple[int, Destination] | None) -> None:
-        """Shape → H2D from the source address → execute_async_v3 → D2H to each output's
-        destination, then wait on this lane's stream only. Without ``copies``: execution alone."""
+    def _execute(
+        self,
+        n: int,
+        height: int,
+        width: int,
+        copies: tuple[int, Destination] | None,
+        compressed: Sequence[Compressed] = (),
+    ) -> None:
+        """Shape → H2D from the source address (the slots the CPU filled) → the device decodes
+        its JPEGs into theirs → execute_async_v3 → D2H to each output's destination, then wait
+        on this lane's stream only. Without ``copies``: execution alone."""
         self.device.bind()
         shape = (n, height, width, self.spec.channels)
         # TensorRT 8.6's set_input_shape accepts shapes outside the profile: Lane.run checked it first.
@@ -127,9 +152,15 @@ class TensorRTLane(Lane):
             if not self.context.set_input_shape(self.input_tensor.name, shape):
                 raise ShapeOutOfProfileError(f"TensorRT rejected shape {shape} on profile {self.profile}")
             self._shape = shape
-        if copies:
-            source, _ = copies
-            copy_to_device(self.device_buffers[self.input_tensor.name], source, int(np.prod(shape)), self.stream)
+        input_buffer = self.device_buffers[self.input_tensor.name]
+        if copies and len(compressed) < n:
+            copy_to_device(input_buffer, copies[0], int(np.prod(shape)), self.stream)
+        self.undecodable = set()
+        if compressed and self._jpeg is not None:
+            self.stream.synchronize()  # the copy in lands before the decoder writes its slots
+            self.undecodable = self._jpeg.decode_into(
+                input_buffer.address, height, width, self.spec.channels, compressed
+            )
         if not self.context.execute_async_v3(self.stream.address):
             self.stream.synchronize()
             raise BackendError(f"execute_async_v3 failed on bucket {self.bucket.id}: {trt_logger().last_error}")
