@@ -214,51 +214,30 @@ def test_the_compose_stack_serves_jobs_beside_a_redis_on_the_default_port(tmp_pa
     ).stdout
     assert "/healthz" in healthcheck, healthcheck
     compose = [_tool("podman-compose"), "-p", f"imgworker-test-{free_port()}", "-f", "compose.yaml"]
-    config = yaml.safe_load(
-        subprocess.run([*compose, "config"], cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout
-    )
-    assert "ports" not in config["services"]["redis"]
-    assert config["services"]["redis"]["image"] in ("redis:7", REDIS_IMAGE)
     metrics_port = free_port()
     up_env = {**env, "WORKER_METRICS_PORT": str(metrics_port)}
-    try:
-        up = subprocess.run(
-            [*compose, "up", "-d", "redis", "worker"],
-            cwd=REPO,
-            env=up_env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=False,
+
+    def podman_compose(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*compose, *args], cwd=REPO, env=up_env, capture_output=True, text=True, timeout=300, check=False
         )
+
+    config = yaml.safe_load(podman_compose("config").stdout)
+    assert "ports" not in config["services"]["redis"]
+    assert config["services"]["redis"]["image"] in ("redis:7", REDIS_IMAGE)
+    try:
+        up = podman_compose("up", "-d", "redis", "worker")
         assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
         deadline = time.monotonic() + 180
         while not _answers(f"http://127.0.0.1:{metrics_port}/readyz"):
             if time.monotonic() > deadline:
-                logs = subprocess.run([*compose, "logs", "worker"], cwd=REPO, env=env, capture_output=True, check=False)
-                pytest.fail(f"the worker never became ready:\n{logs.stdout.decode()[-3000:]}")
+                pytest.fail(f"the worker never became ready:\n{podman_compose('logs', 'worker').stdout[-3000:]}")
             time.sleep(1)
-        enqueue = subprocess.run(
-            [
-                *compose,
-                "exec",
-                "-T",
-                "worker",
-                "imgworker",
-                "enqueue",
-                "--wait",
-                "--json",
-                "/opt/imgworker-assets/demo",
-            ],
-            cwd=REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=False,
+        enqueue = podman_compose(
+            "exec", "-T", "worker", "imgworker", "enqueue", "--wait", "--json", "/opt/imgworker-assets/demo"
         )
         lines = [json.loads(line) for line in enqueue.stdout.splitlines() if line.startswith("{")]
         assert enqueue.returncode == 0 and len(lines) >= 13, enqueue.stdout[-3000:] + enqueue.stderr[-3000:]
         assert all(line["status"] == "ok" and line["result"]["boxes"] for line in lines), lines
     finally:
-        subprocess.run([*compose, "down", "-v"], cwd=REPO, env=env, capture_output=True, timeout=120, check=False)
+        podman_compose("down", "-v")
