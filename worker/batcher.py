@@ -58,6 +58,12 @@ class Batcher(Generic[T]):
         by_priority.setdefault(self._priority_of(item), deque()).append((self._clock(), item))
         self._changed.set()
 
+    def take_all(self) -> list[T]:
+        """Everything queued, removed: what a stop hands back instead of running."""
+        items = [item for by_priority in self._queues.values() for queue in by_priority.values() for _, item in queue]
+        self._queues.clear()
+        return items
+
     def close(self) -> None:
         """Flush what is queued without waiting, then make ``next_batch`` return empty."""
         self._closed = True

@@ -29,6 +29,7 @@ from worker.protocol import (
     CHARGE_SCRIPT,
     ENSURE_GROUP_SCRIPT,
     FORGET_CONSUMER_SCRIPT,
+    HAND_BACK_SCRIPT,
     HEARTBEAT_SCRIPT,
     MARK_SCRIPT,
     PRIORITIES,
@@ -89,6 +90,7 @@ class Broker:
         self._charge = self.redis.register_script(CHARGE_SCRIPT)
         self._read = self.redis.register_script(READ_SCRIPT)
         self._heartbeat = self.redis.register_script(HEARTBEAT_SCRIPT)
+        self._hand_back = self.redis.register_script(HAND_BACK_SCRIPT)
         self._ensure_group = self.redis.register_script(ENSURE_GROUP_SCRIPT)
         self._mark = self.redis.register_script(MARK_SCRIPT)
         self._retry_later = self.redis.register_script(RETRY_LATER_SCRIPT)
@@ -216,6 +218,14 @@ class Broker:
                 for stream, (unmarked, marked) in marks.items()
             ]
             await self._call("mark running", asyncio.gather(*calls))
+
+    async def hand_back(self, deliveries: Sequence[Delivery]) -> int:
+        """Entries never started go back to their streams for other workers, as if never read."""
+        calls = [
+            self._hand_back(keys=[stream, self.keys.running(stream, self.consumer)], args=[self.settings.group, *ids])
+            for stream, ids in _by_stream(deliveries).items()
+        ]
+        return sum(await self._call("hand back", asyncio.gather(*calls)))
 
     async def retry_later(self, failed: Sequence[tuple[Delivery, str]]) -> None:
         """Charge one failed attempt each (with its error) and leave them pending for a retry."""

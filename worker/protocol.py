@@ -134,6 +134,28 @@ return 1
 """
 )
 
+#: Hands entries a stopping worker has not started back to their stream, as new entries (the same
+#: fields, read by the next worker as if never read: nothing charged, delivered once), and forgets
+#: the old ones. KEYS: the stream, the consumer's running hash. ARGV: group, entry ids. Returns
+#: how many went back (an entry already settled or deleted has nothing to hand back).
+HAND_BACK_SCRIPT = (
+    _WORKER_SCRIPT
+    + """
+local back = 0
+for i = 2, #ARGV do
+  local entry = redis.call('XRANGE', KEYS[1], ARGV[i], ARGV[i])[1]
+  if entry then
+    redis.call('XADD', KEYS[1], '*', unpack(entry[2]))
+    back = back + 1
+  end
+  redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
+  redis.call('XDEL', KEYS[1], ARGV[i])
+  redis.call('HDEL', KEYS[2], ARGV[i])
+end
+return back
+"""
+)
+
 #: Refreshes a worker's lease. KEYS: the lease. ARGV: its time to live in ms.
 HEARTBEAT_SCRIPT = _WORKER_SCRIPT + "return redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])\n"
 

@@ -219,10 +219,17 @@ class Service:
         return False
 
     async def _drain(self, runners: list[asyncio.Task[None]]) -> None:
-        """Finish and settle everything held, until the grace period runs out."""
+        """After a burst, finish and settle everything held. After a stop, hand back what no lane
+        has started (other workers take it at once, nothing charged) and finish the batches
+        running; either until the grace period runs out."""
         left = self._stop_deadline - time.monotonic() if self._stopping.is_set() else None
 
         async def everything() -> None:
+            if self._stopping.is_set():  # what no lane has started goes back to the streams at once
+                for batcher in self.batchers.values():
+                    batcher.close()
+                    if queued := batcher.take_all():
+                        self._spawn("hand back", self.settler.leave([job.delivery for job in queued]))
             while self._admissions():
                 await asyncio.gather(*self._admissions(), return_exceptions=True)
             for batcher in self.batchers.values():

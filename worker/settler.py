@@ -84,9 +84,16 @@ class Settler:
         self.inflight.release([delivery for delivery, _ in failed])
 
     async def leave(self, deliveries: Sequence[Delivery]) -> None:
-        """Left for other workers by a stop: nothing charged. One try: a stop does not wait for Redis."""
+        """Left for other workers by a stop, nothing charged: entries never tried go back to their
+        streams at once, the others (a failure or a death already counted) stay pending for the
+        next worker to claim. One try: a stop does not wait for Redis."""
+        fresh = [d for d in deliveries if not d.attempts and not d.deaths]
+        counted = [d for d in deliveries if d.attempts or d.deaths]
         try:
-            await self.broker.mark(waiting=deliveries)
+            if fresh:
+                await self.broker.hand_back(fresh)
+            if counted:
+                await self.broker.mark(waiting=counted)
         except BrokerError as exc:
-            logger.warning("could not unmark %d entries left pending: %s", len(deliveries), exc)
+            logger.warning("could not hand back %d entries (they stay pending for others): %s", len(deliveries), exc)
         self.inflight.release(list(deliveries))

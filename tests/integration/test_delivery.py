@@ -127,6 +127,39 @@ def test_sigterm_drains_in_flight_work_without_redelivery(
     _assert_streams_settled(redis_client)
 
 
+def test_a_stop_hands_back_what_no_lane_started_and_exits_within_seconds(
+    redis_url: str, redis_client: redis.Redis, photos: list[Path]
+) -> None:
+    """On the CPU backend, a few images a second, a full in-flight window would take longer to run
+    than Kubernetes' 30 s grace period: a stop finishes only the batches running and hands the rest
+    back to the streams, so another worker runs them at once, delivered once, nothing charged."""
+    with Client(redis_url) as client:
+        job_ids = client.submit_many(photos[:150])
+    worker = WorkerProcess(worker_env(redis_url))
+    try:
+        worker.wait_ready()
+        while len(_results(redis_client, job_ids)) < 3:
+            time.sleep(0.05)
+        held = int(worker.metrics()[("imgworker_inflight_jobs", ())])
+        worker.process.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        assert worker.wait(60) == 0, worker.log
+        took = time.monotonic() - sent
+    finally:
+        worker.kill()
+    first = len(_results(redis_client, job_ids))
+    figure = f"a stop holding {held} entries exited in {took:.1f} s, {first} of 150 done by then"
+    print(figure)
+    assert took < 10 and held > 20 and first < 150, figure
+    assert sum(redis_client.xpending(s, "workers")["pending"] for s in KEYS.streams) == 0, figure
+    rest = WorkerProcess(worker_env(redis_url, IMGWORKER_BACKEND__KIND="fake"), "--burst")
+    assert rest.wait(300) == 0, rest.log
+    results = _results(redis_client, job_ids)
+    assert len(results) == len(job_ids)
+    assert all(r["result"]["deliveries"] == 1 and r["result"]["attempts"] == 1 for r in results.values())
+    _assert_streams_settled(redis_client)
+
+
 def test_duplicate_job_ids_run_once_and_late_jobs_expire(
     redis_url: str, redis_client: redis.Redis, photos: list[Path]
 ) -> None:
