@@ -5,11 +5,13 @@ Invalid values stop the worker at start with a message naming the field (``Setti
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -209,3 +211,18 @@ class Settings(BaseSettings):
 
     def onnx_path(self, spec_file: str) -> Path:
         return self.model_path or self.assets_dir / "models" / spec_file
+
+
+def environment(values: Mapping[str, Any], prefix: str = "IMGWORKER_") -> dict[str, str]:
+    """Settings as the environment variables that set them (``{"redis": {"url": u}}`` gives
+    IMGWORKER_REDIS__URL=u), for child processes: lists and tuples as JSON, the way they are read."""
+    out: dict[str, str] = {}
+    for name, value in values.items():
+        key = f"{prefix}{name.upper()}"
+        if isinstance(value, Mapping):
+            out.update(environment(value, f"{key}__"))
+        elif isinstance(value, list | tuple):
+            out[key] = json.dumps(list(value))
+        else:
+            out[key] = str(value).lower() if isinstance(value, bool) else str(value)
+    return out

@@ -34,7 +34,7 @@ from prometheus_client.registry import Collector
 
 from worker.connection import redact
 from worker.http import serve_http
-from worker.settings import Settings, usable_cores
+from worker.settings import Settings, environment, usable_cores
 
 logger = logging.getLogger(__name__)
 PORT_LINE = re.compile(r"metrics and health on http://[^:]+:(\d+)/metrics")
@@ -116,26 +116,21 @@ class Supervisor:
         self.burst = burst
         self.stopping = False
         self._socket_dir = Path(tempfile.mkdtemp(prefix="imgworker-"))
-        base = {
-            **os.environ,
-            "PYTHONUNBUFFERED": "1",
-            # what the command line set reaches the children too; their ports stay private
-            "IMGWORKER_REDIS__URL": settings.redis.url,
-            "IMGWORKER_LOG_LEVEL": settings.log_level,
-            "IMGWORKER_METRICS__HOST": "127.0.0.1",
-            "IMGWORKER_METRICS__PORT": "0",
-        }
+        # what the command line set reaches the children too; their ports stay private
+        passed_on = {"redis": {"url": settings.redis.url}, "log_level": settings.log_level}
+        private = {"metrics": {"host": "127.0.0.1", "port": 0}}
+        base = {**os.environ, "PYTHONUNBUFFERED": "1", **environment(passed_on), **environment(private)}
         # one group of N workers per GPU; a backend that is not TensorRT runs a single group
         groups: list[int | None] = list(gpus) if settings.backend.kind == "tensorrt" else [None]
         if "IMGWORKER_PIPELINE__DECODE_THREADS" not in os.environ:
-            base["IMGWORKER_PIPELINE__DECODE_THREADS"] = str(decode_threads_each(processes * len(groups)))
+            base |= environment({"pipeline": {"decode_threads": decode_threads_each(processes * len(groups))}})
         run = [sys.executable, "-m", "worker", "run", *(["--burst"] if burst else [])]
         self.children: list[Child] = []
         # ONNX Runtime computes on the CPU: independent processes scale with cores. Any other
         # backend stands for a device that one engine server per GPU must own.
         shared_engine = processes > 1 and settings.backend.kind != "onnxruntime"
         for gpu in groups:
-            device = {} if gpu is None else {"IMGWORKER_BACKEND__TENSORRT__DEVICE": str(gpu)}
+            device = {} if gpu is None else environment({"backend": {"tensorrt": {"device": gpu}}})
             tag = "" if gpu is None else f"gpu{gpu}-"
             worker_env = {**base, **device}
             if shared_engine:
@@ -148,11 +143,7 @@ class Supervisor:
                         "engine",
                     )
                 )
-                worker_env = {
-                    **worker_env,
-                    "IMGWORKER_BACKEND__KIND": "remote",
-                    "IMGWORKER_BACKEND__REMOTE__ADDRESS": str(socket_path),
-                }
+                worker_env |= environment({"backend": {"kind": "remote", "remote": {"address": socket_path}}})
             for index in range(processes):
                 self.children.append(Child(f"{tag}worker-{index}", run, worker_env, "worker"))
 
@@ -260,8 +251,8 @@ def visible_gpus(spec: str) -> list[int]:
 
         pynvml.nvmlInit()
         return list(range(pynvml.nvmlDeviceGetCount()))
-    except Exception:  # no NVML: ask CUDA through the TensorRT backend's helper
-        from worker.backends.tensorrt._cuda import device_count
+    except Exception:  # no NVML: ask CUDA
+        from worker.backends import device_count
 
         return list(range(device_count()))
 

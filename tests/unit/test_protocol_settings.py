@@ -154,3 +154,26 @@ def test_decode_threads_follow_the_cores_a_process_may_use_not_the_machines() ->
     assert out.split() == ["1", "1", "2"]  # a worker alone gets its core; supervised ones two threads at least
     assert 1 <= usable_cores() <= len(os.sched_getaffinity(0))
     assert decode_threads_each(1) == max(2, usable_cores())
+
+
+def test_settings_handed_to_a_child_process_read_back_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The supervisor passes settings to its children as environment variables: what each child
+    reads must be what the parent meant, lists and booleans included."""
+    from worker.settings import environment
+
+    tensorrt = {"fp16": True, "tactic_sources": ["EDGE_MASK_CONVOLUTIONS"]}
+    wanted = {
+        "redis": {"url": "redis://10.0.0.5:6380/2"},
+        "metrics": {"host": "127.0.0.1", "port": 0},
+        "backend": {"kind": "remote", "remote": {"address": "/tmp/engine.sock"}, "tensorrt": tensorrt},
+        "pipeline": {"decode_threads": 3},
+    }
+    for name, value in environment(wanted).items():
+        monkeypatch.setenv(name, value)
+    settings = Settings.load()
+    assert settings.redis.url == "redis://10.0.0.5:6380/2" and settings.metrics.port == 0
+    assert settings.backend.kind == "remote" and settings.backend.remote.address == "/tmp/engine.sock"
+    assert settings.backend.tensorrt.fp16 is True and settings.backend.tensorrt.tactic_sources == (
+        "EDGE_MASK_CONVOLUTIONS",
+    )
+    assert settings.pipeline.decode_threads == 3

@@ -54,3 +54,10 @@ def open_backend(spec: ModelSpec, onnx_path: Path, settings: BackendSettings) ->
     backend = backend_class("onnxruntime")(spec, onnx_path, settings)
     backend.open()
     return backend
+
+
+def device_count() -> int:
+    """CUDA devices this process can see (cuda-python, imported only when asked)."""
+    from worker.backends.tensorrt._cuda import device_count as cuda_device_count
+
+    return cuda_device_count()
