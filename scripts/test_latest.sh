@@ -9,7 +9,7 @@ scripts/setup.sh --test  # system packages and the test material
 python3 -m venv --clear .venv-latest
 .venv-latest/bin/python -m pip install -q --upgrade pip
 .venv-latest/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[dev]"
-echo "test_latest: newer than the lock:"
+echo "test_latest: versions that differ from the lock:"
 .venv-latest/bin/python - <<'PY'
 import importlib.metadata, re
 from packaging.requirements import Requirement
