@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import cv2
 import numpy as np
 import numpy.typing as npt
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import NoScriptError, OutOfMemoryError, RedisError, ResponseError
 
 from worker.connection import broker_error, connect, keys_for, mapped, redact
 from worker.errors import BrokerError, InvalidJobError, RedisRefusedError
@@ -82,6 +82,12 @@ def _result_from_reply(job_id: str, key: str, reply: Any) -> JobResult | None:
             raise reply
         return JobResult.failure(job_id, FOREIGN_RESULT_KEY, f"{key} holds another type than a result: left as it is")
     return JobResult.decode(reply, job_id) if reply else None
+
+
+def _lacks_figures(reply: RedisError) -> bool:
+    """An out-of-memory refusal by Redis itself, which says nothing of how full it is (the enqueue
+    script's own refusal, 'out of memory for new jobs', gives both figures)."""
+    return isinstance(reply, OutOfMemoryError) and "for new jobs" not in str(reply)
 
 
 def _chunks_by_bytes(requests: list[JobRequest], limit: int) -> Iterable[list[JobRequest]]:
@@ -300,7 +306,8 @@ class AsyncClient:
                 error = broker_error("enqueue", reply, self.url)
                 if not isinstance(error, RedisRefusedError):
                     raise error from reply  # retried, the whole round trip: an id is added once
-                reason = str(error) if "MiB" in str(error) else f"{error} ({await self._memory()})"
+                # Redis's own out-of-memory refusal has no figures (the enqueue script's has)
+                reason = f"{error} ({await self._memory()})" if _lacks_figures(reply) else str(error)
                 refused.update((r.job_id, reason) for r in group)
         replica_counts = replies[len(replies) - waits :]
         if waits and (any(isinstance(n, Exception) for n in replica_counts) or min(replica_counts) < self.replicas):

@@ -76,6 +76,8 @@ class ImageInfo:
     bytes_per_sample: int
     #: significant bits per sample (12 for a 12-bit TIFF in 16-bit words)
     bits: int = 8
+    #: a JPEG the GPU's decoders take as it is (``jpeg.JpegLayout.gpu_decodable``)
+    gpu_decodable: bool = False
 
     @property
     def pixels(self) -> int:
@@ -95,7 +97,7 @@ class ImageInfo:
 
 def _jpeg_info(data: bytes) -> ImageInfo:
     frame = jpeg.layout(data)
-    return ImageInfo("jpeg", frame.height, frame.width, 3, 1, frame.bits)
+    return ImageInfo("jpeg", frame.height, frame.width, 3, 1, frame.bits, frame.gpu_decodable)
 
 
 def _png_info(data: bytes) -> ImageInfo:
@@ -343,7 +345,7 @@ def _for_the_device(data: bytes, info: ImageInfo, spec: ModelSpec, started: floa
     """The JPEG as it is, when the device decodes it to exactly its input size: no resize, no
     rotation, a layout its decoders take, nothing cut short, and no bigger than its pixels (it
     travels in their place)."""
-    if info.format != "jpeg" or not jpeg.layout(data).gpu_decodable or _jpeg_truncated(data):
+    if not info.gpu_decodable or _jpeg_truncated(data):
         return None
     bucket, h, w = route(info.height, info.width, spec)
     padded_h, padded_w = _padded(bucket, h, w, spec)
