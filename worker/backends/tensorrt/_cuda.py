@@ -66,6 +66,7 @@ class Device:
             raise EngineLoadError(f"no usable NVIDIA GPU: {exc}") from exc
         if ordinal >= count:
             raise EngineLoadError(f"GPU {ordinal} requested, {count} visible")
+        self.ordinal = ordinal
         self.handle = ck(cu.cuDeviceGet(ordinal), "cuDeviceGet")
         self._set_wait(spin_wait)
         self.context = ck(cu.cuDevicePrimaryCtxRetain(self.handle), "cuDevicePrimaryCtxRetain")

@@ -11,7 +11,7 @@ from worker.backends.tensorrt._cuda import CudaError, Device, register_host, unr
 from worker.backends.tensorrt._logger import trt_logger
 from worker.backends.tensorrt.build import plan_for
 from worker.backends.tensorrt.engine import check_profiles, deserialize
-from worker.backends.tensorrt.jpeg_decoder import DeviceJpegDecoder
+from worker.backends.tensorrt.jpeg_decoder import load_nvimgcodec
 from worker.backends.tensorrt.lane import TensorRTLane
 from worker.buckets import BucketSpec
 from worker.errors import EngineLoadError
@@ -34,7 +34,7 @@ class TensorRTBackend(Backend):
             self.plan_path = plan_for(self.spec, self.onnx_path, settings, self.device, force=True)
             self.engine = deserialize(self.runtime, self.plan_path)
         check_profiles(self.engine, self.spec)
-        self.jpeg = DeviceJpegDecoder.open(self.device, self.spec.preprocess.pad_value()) if settings.gpu_jpeg else None
+        self.nvimgcodec = load_nvimgcodec(self.device, self.spec.preprocess.pad_value()) if settings.gpu_jpeg else None
         logger.info(
             "TensorRT %s on %s (sm %s): %d buckets x %d contexts, each with its own stream",
             trt.__version__,
@@ -53,7 +53,7 @@ class TensorRTBackend(Backend):
                 profile=profile,
                 device=self.device,
                 on_sticky=self._sticky_error,
-                jpeg_decoder=self.jpeg,
+                nvimgcodec=self.nvimgcodec,
             )
             for _ in range(self.settings.tensorrt.instances)
         ]
@@ -80,11 +80,9 @@ class TensorRTBackend(Backend):
 
     @property
     def decodes_jpeg(self) -> bool:
-        return getattr(self, "jpeg", None) is not None
+        return getattr(self, "nvimgcodec", None) is not None
 
     def _close(self) -> None:
-        if self.jpeg is not None:
-            self.jpeg.close()
         del self.engine
         del self.runtime
         self.device.release()

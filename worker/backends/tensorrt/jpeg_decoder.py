@@ -1,17 +1,19 @@
 """JPEGs decoded by the GPU that runs the engine, straight into a lane's input tensor.
 
 JPEG decoding was most of a worker's CPU per image; the GPU's hardware JPEG engines decode the same
-images for a twentieth of the CPU. One nvImageCodec decoder per device serves every lane (the
-hardware backend first, the CUDA one behind it for what the engines refuse), on a stream of its
-own; each decoded image is copied into its padded slot of the lane's input, after the slot is
-filled with the pad value. A JPEG it cannot decode fails alone: its slot is reported, the others
-run. Without nvImageCodec the backend says so once and every JPEG decodes on the CPU.
+images for a twentieth of the CPU. Each lane has a decoder of its own (the hardware backend first,
+the CUDA one behind it for what the engines refuse) that works on the lane's stream: lanes decode
+at the same time, as they execute at the same time, and the engine waits on the decode in stream
+order, not on the host. Chroma is upsampled by interpolation, as libjpeg does, so the pixels (and
+the boxes) match the CPU decode's. Each decoded image is copied into its padded slot of the lane's
+input after the slot is filled with the pad value. A JPEG it cannot decode fails alone: its slot
+is reported, the others run. Without nvImageCodec the backend says so once and every JPEG decodes
+on the CPU.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,66 +22,79 @@ from worker.backends.tensorrt._cuda import Device, Stream, copy_rows, fill_at
 
 logger = logging.getLogger(__name__)
 
+#: threads of each decoder's own pool (header parsing, the CUDA backend's Huffman decoding): the
+#: hardware engines do the rest, and a server has a decoder per lane
+DECODER_THREADS = 2
+#: interpolated chroma upsampling, as libjpeg's default; nvImageCodec's Python default is off
+DECODER_OPTIONS = ":fancy_upsampling=1"
+
+
+def load_nvimgcodec(device: Device, pad_value: tuple[int, int, int]) -> Any:
+    """The nvImageCodec module, or None (logged once, with why) when JPEGs must decode on the CPU."""
+    if len(set(pad_value)) != 1:
+        logger.info("JPEGs decode on the CPU: the pad value %s differs per channel", pad_value)
+        return None
+    try:
+        from nvidia import nvimgcodec
+    except ImportError as exc:
+        logger.warning("JPEGs decode on the CPU: nvImageCodec is not installed (%s)", exc)
+        return None
+    logger.info("JPEGs that need no resizing decode on %s (nvImageCodec %s)", device.name, nvimgcodec.__version__)
+    return nvimgcodec
+
 
 class DeviceJpegDecoder:
-    def __init__(self, nvimgcodec: Any, device: Device, pad_value: int) -> None:
+    """A lane's decoder: decodes on the lane's stream, into the lane's input."""
+
+    def __init__(self, nvimgcodec: Any, device: Device, stream: Stream, pad_value: int) -> None:
         self._nv = nvimgcodec
-        self._device = device
+        self._stream = stream
         self._pad_value = pad_value
         device.bind()
-        self._stream = Stream()
         kinds = (nvimgcodec.BackendKind.HW_GPU_ONLY, nvimgcodec.BackendKind.HYBRID_CPU_GPU)
-        self._decoder = nvimgcodec.Decoder(backends=[nvimgcodec.Backend(kind) for kind in kinds])
+        self._decoder = nvimgcodec.Decoder(
+            device_id=device.ordinal,
+            max_num_cpu_threads=DECODER_THREADS,
+            backends=[nvimgcodec.Backend(kind) for kind in kinds],
+            options=DECODER_OPTIONS,
+        )
         self._params = nvimgcodec.DecodeParams(
             apply_exif_orientation=False,
             color_spec=nvimgcodec.ColorSpec.SRGB,
             sample_format=nvimgcodec.SampleFormat.I_BGR,
         )
-        self._lock = threading.Lock()  # one decode at a time per device: the decoder is shared by every lane
-
-    @classmethod
-    def open(cls, device: Device, pad_value: tuple[int, int, int]) -> DeviceJpegDecoder | None:
-        """The device's decoder, or None (logged once, with why) when JPEGs must decode on the CPU."""
-        if len(set(pad_value)) != 1:
-            logger.info("JPEGs decode on the CPU: the pad value %s differs per channel", pad_value)
-            return None
-        try:
-            from nvidia import nvimgcodec
-        except ImportError as exc:
-            logger.warning("JPEGs decode on the CPU: nvImageCodec is not installed (%s)", exc)
-            return None
-        decoder = cls(nvimgcodec, device, pad_value[0])
-        logger.info("JPEGs that need no resizing decode on %s (nvImageCodec %s)", device.name, nvimgcodec.__version__)
-        return decoder
+        #: the last batch's decoded images: their memory must outlive the copies queued from them
+        self._in_use: list[Any] = []
 
     def decode_into(self, base: int, height: int, width: int, channels: int, items: Sequence[Compressed]) -> set[int]:
-        """Decode each (slot, bytes, h, w) into slot ``slot`` of the NHWC uint8 tensor at device
-        address ``base`` (slots of ``height`` x ``width``), padding around it; the slots that failed.
-        Returns once the slots are written."""
+        """Queue on the lane's stream: decode each (slot, bytes, h, w) into slot ``slot`` of the NHWC
+        uint8 tensor at device address ``base`` (slots of ``height`` x ``width``), padded around it.
+        The stream must be idle on entry (a batched hardware decode may start before earlier work on
+        its stream has ended: a known nvJPEG issue). Returns the slots that failed."""
         slot_bytes = height * width * channels
         pitch = width * channels
         failed: set[int] = set()
-        with self._lock:
-            self._device.bind()
-            # A batched hardware decode may start before earlier work on its stream has ended (a
-            # known nvJPEG issue): wait on the host first.
-            self._stream.synchronize()
-            streams = [self._nv.CodeStream(bytes(data)) for _, data, _, _ in items]
-            images = self._decoder.decode(streams, params=self._params, cuda_stream=self._stream.address)
-            for (slot, _, h, w), image in zip(items, images, strict=True):
-                target = base + slot * slot_bytes
-                fill_at(target, self._pad_value, slot_bytes, self._stream)
-                if image is None or tuple(image.shape) != (h, w, channels):
-                    failed.add(slot)
-                    continue
-                interface = image.__cuda_array_interface__
-                source_pitch = interface["strides"][0] if interface.get("strides") else w * channels
-                copy_rows((target, pitch), (interface["data"][0], source_pitch), w * channels, h, self._stream)
-            self._stream.synchronize()  # the slots are written before the lane's stream reads them
+        streams = [self._nv.CodeStream(bytes(data)) for _, data, _, _ in items]
+        images = self._decoder.decode(streams, params=self._params, cuda_stream=self._stream.address)
+        if len(images) != len(items):  # nvImageCodec drops the images it failed: find which by shape
+            images = self._one_by_one(items, streams)
+        for (slot, _, h, w), image in zip(items, images, strict=True):
+            target = base + slot * slot_bytes
+            fill_at(target, self._pad_value, slot_bytes, self._stream)
+            if image is None or tuple(image.shape) != (h, w, channels):
+                failed.add(slot)
+                continue
+            interface = image.__cuda_array_interface__
+            source_pitch = interface["strides"][0] if interface.get("strides") else w * channels
+            copy_rows((target, pitch), (interface["data"][0], source_pitch), w * channels, h, self._stream)
+        self._in_use = images
         return failed
 
-    def close(self) -> None:
-        with self._lock:
-            self._device.bind()
-            self._stream.synchronize()
-            self._stream.destroy()
+    def _one_by_one(self, items: Sequence[Compressed], streams: list[Any]) -> list[Any]:
+        """Each image alone (after a batch in which one failed): None where it fails."""
+        self._stream.synchronize()
+        return [self._decoder.decode(s, params=self._params, cuda_stream=self._stream.address) for s in streams]
+
+    def release(self) -> None:
+        """After the lane's stream is synchronized: the decoded images are no longer read."""
+        self._in_use = []

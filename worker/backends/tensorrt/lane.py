@@ -46,11 +46,9 @@ class TensorRTLane(Lane):
         profile: int,
         device: Device,
         on_sticky: Callable[[], None],
-        jpeg_decoder: DeviceJpegDecoder | None = None,
+        nvimgcodec: Any = None,
     ) -> None:
         super().__init__(bucket, spec)
-        self._jpeg = jpeg_decoder
-        self.decodes_jpeg = jpeg_decoder is not None
         self.profile = profile
         self.device = device
         self._on_sticky = on_sticky
@@ -59,6 +57,10 @@ class TensorRTLane(Lane):
         if self.context is None:
             raise EngineLoadError(f"cannot create an execution context for bucket {bucket.id} (out of GPU memory?)")
         self.stream = Stream()
+        self._jpeg = (
+            DeviceJpegDecoder(nvimgcodec, device, self.stream, spec.preprocess.pad_value()[0]) if nvimgcodec else None
+        )
+        self.decodes_jpeg = self._jpeg is not None
         if not self.context.set_optimization_profile_async(profile, self.stream.address):
             raise EngineLoadError(f"cannot bind profile {profile} to a context of bucket {bucket.id}")
         self.stream.synchronize()
@@ -155,9 +157,10 @@ class TensorRTLane(Lane):
         input_buffer = self.device_buffers[self.input_tensor.name]
         if copies and len(compressed) < n:
             copy_to_device(input_buffer, copies[0], int(np.prod(shape)), self.stream)
+            if compressed:
+                self.stream.synchronize()  # idle before a hardware decode, and the decodes land after the copy
         self.undecodable = set()
         if compressed and self._jpeg is not None:
-            self.stream.synchronize()  # the copy in lands before the decoder writes its slots
             self.undecodable = self._jpeg.decode_into(
                 input_buffer.address, height, width, self.spec.channels, compressed
             )
@@ -171,6 +174,8 @@ class TensorRTLane(Lane):
                 nbytes = int(np.prod(out_shape)) * out.dtype.itemsize
                 copy_to_host(destination(out, out_shape), self.device_buffers[out.name], nbytes, self.stream)
         self.stream.synchronize()
+        if self._jpeg is not None:
+            self._jpeg.release()
 
     def time_execute(self, n: int, height: int, width: int) -> float:
         """Benchmarks only: GPU milliseconds of one execution (CUDA events), no copies."""
@@ -192,6 +197,7 @@ class TensorRTLane(Lane):
     def close(self) -> None:
         self.device.bind()
         self.stream.synchronize()
+        self._jpeg = None  # its decoder goes while the device context is still held
         for buffer in self.device_buffers.values():
             buffer.free()
         for pinned in self.host_buffers.values():
