@@ -146,34 +146,37 @@ class Broker:
         keys = [stream, self.keys.running(stream, consumer)]
         await self._call("forget consumer", self._forget_consumer(keys=keys, args=[self.settings.group, consumer]))
 
-    async def read(self, count: int) -> list[Delivery]:
-        """Up to ``count`` new entries, marked running. Within a shard, strictly by priority (a lower
-        stream is read only when the higher ones have none left); shards take turns. Blocks up to
-        block_ms when nothing is queued."""
+    async def read(self, count: int, nbytes: int, largest: int) -> list[Delivery]:
+        """Up to ``count`` queued entries, marked running, until they hold ``nbytes``: the entry that
+        crosses it is the only one past it, if no entry holds more than ``largest``. Within a shard,
+        strictly by priority (a lower stream is read only when the higher ones have none left);
+        shards take turns. Returns at once, empty when nothing is queued."""
         shards = self.keys.shards
         first, self._next_shard = self._next_shard, (self._next_shard + 1) % shards
         deliveries: list[Delivery] = []
         for shard in [(first + i) % shards for i in range(shards)]:
-            deliveries += await self._read_shard(shard, count - len(deliveries))
-            if len(deliveries) >= count:
+            left = nbytes - sum(d.nbytes for d in deliveries)
+            deliveries += await self._read_shard(shard, count - len(deliveries), left, largest)
+            if len(deliveries) >= count or left <= 0:
                 break
-        if deliveries:
-            return deliveries
-        # Nothing queued: block on one shard's streams (a blocking read cannot run in a script, and
-        # on a cluster cannot span slots). COUNT applies to each stream: a share each keeps in bounds.
-        streams = self.keys.shard_streams(first)
-        share = max(count // len(streams), 1)
+        return deliveries
+
+    async def wait_for_entries(self) -> list[Delivery]:
+        """Block up to block_ms for the next entry of any priority, marked running: one entry of
+        each stream at most (a blocking read cannot run in a script, and on a cluster cannot span
+        slots, so it cannot count bytes); ``read`` takes the rest."""
+        shards = self.keys.shards
+        first, self._next_shard = self._next_shard, (self._next_shard + 1) % shards
         block_ms = max(self.settings.block_ms // shards, 10)
-        blocked = await self._read_group({s: ">" for s in streams}, share, block_ms)
+        blocked = await self._read_group({s: ">" for s in self.keys.shard_streams(first)}, 1, block_ms)
         await self.mark(running=blocked)
         return sorted(blocked, key=lambda d: self.keys.priority_of(d.stream))
 
-    async def _read_shard(self, shard: int, count: int) -> list[Delivery]:
+    async def _read_shard(self, shard: int, count: int, nbytes: int, largest: int) -> list[Delivery]:
         streams = self.keys.shard_streams(shard)
         running = [self.keys.running(stream, self.consumer) for stream in streams]
-        reply = await self._unless_group_lost(
-            "read", self._read(keys=[*streams, *running], args=[self.settings.group, self.consumer, count])
-        )
+        args = [self.settings.group, self.consumer, count, nbytes, largest]
+        reply = await self._unless_group_lost("read", self._read(keys=[*streams, *running], args=args))
         return [
             Delivery(_text(stream), _text(entry_id), dict(zip(fields[::2], fields[1::2], strict=True)), 1)
             for stream, entries in reply or []

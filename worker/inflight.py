@@ -1,5 +1,8 @@
 """The entries a worker holds: a bounded table that is its read-ahead window and its drain signal.
 
+The window is bounded twice: by entries, and by the bytes they hold (a few large photos must not
+cost what a window of small ones does).
+
 Every held entry is released exactly once (settled, left for a retry, or left for others at a
 stop); how long entries have been held is what the watchdog reads to tell a wedged pipeline.
 """
@@ -15,14 +18,17 @@ from worker.protocol import Delivery
 
 
 class Inflight:
-    def __init__(self, capacity: int, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, capacity: int, byte_capacity: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.capacity = capacity
+        self.byte_capacity = byte_capacity
         self._clock = clock
         self._held: dict[str, tuple[Delivery, float]] = {}
+        self.held_bytes = 0
         #: tasks waiting for a change, each on its own future
         self._waiters: set[asyncio.Future[None]] = set()
         #: room promised to reads still on the wire: what they return is held, never more
         self.reserved = 0
+        self.reserved_bytes = 0
 
     def __len__(self) -> int:
         return len(self._held)
@@ -32,7 +38,12 @@ class Inflight:
 
     @property
     def free(self) -> int:
-        return max(self.capacity - len(self._held) - self.reserved, 0)
+        """Entries a read may ask for: none while the bytes are spent."""
+        return max(self.capacity - len(self._held) - self.reserved, 0) if self.free_bytes > 0 else 0
+
+    @property
+    def free_bytes(self) -> int:
+        return max(self.byte_capacity - self.held_bytes - self.reserved_bytes, 0)
 
     def keys(self) -> set[str]:
         return set(self._held)
@@ -44,21 +55,26 @@ class Inflight:
         if delivery.key in self._held:
             raise RuntimeError(f"entry {delivery.key} is held already")
         self._held[delivery.key] = (delivery, self._clock())
+        self.held_bytes += delivery.nbytes
 
     def release(self, deliveries: list[Delivery]) -> None:
         for delivery in deliveries:
-            self._held.pop(delivery.key, None)
+            if (held := self._held.pop(delivery.key, None)) is not None:
+                self.held_bytes -= held[0].nbytes
         self.wake()
 
     @contextmanager
-    def reserving(self, room: int) -> Iterator[None]:
-        """``room`` kept from ``free`` while a read is on the wire. Whoever reserved holds what came
-        before it next awaits, so the window is never overrun; room left unused wakes the others."""
+    def reserving(self, room: int, nbytes: int = 0) -> Iterator[None]:
+        """``room`` entries and ``nbytes`` kept from ``free`` while a read is on the wire. Whoever
+        reserved holds what came before it next awaits, so the window is never overrun (by bytes,
+        by at most the entry that crosses the reservation); room left unused wakes the others."""
         self.reserved += room
+        self.reserved_bytes += nbytes
         try:
             yield
         finally:
             self.reserved -= room
+            self.reserved_bytes -= nbytes
             self.wake()
 
     def held_longer_than(self, seconds: float) -> list[Delivery]:

@@ -228,20 +228,30 @@ return out
 
 #: Reads up to COUNT new entries strictly by priority and marks them running, in one round trip.
 #: KEYS: the streams, highest priority first, then this consumer's running hash of each.
-#: ARGV: group, consumer, count. Returns [[stream, [[entry id, [field, value, ...]], ...]], ...].
+#: ARGV: group, consumer, count, bytes, largest. Reads up to ``count`` entries until their field
+#: values add up to ``bytes``: in steps no larger than could fit if every entry were ``largest``
+#: bytes (the most an entry may hold), so the entry that crosses the budget is the only one past
+#: it. Returns [[stream, [[entry id, [field, value, ...]], ...]], ...].
 READ_SCRIPT = (
     _WORKER_SCRIPT
     + """
 local out, left, n = {}, tonumber(ARGV[3]), #KEYS / 2
+local bytes, largest = tonumber(ARGV[4]), tonumber(ARGV[5])
 for i = 1, n do
-  if left <= 0 then break end
-  local reply = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', left, 'STREAMS', KEYS[i], '>')
-  if reply then
-    local entries = reply[1][2]
-    for _, entry in ipairs(entries) do redis.call('HSET', KEYS[n + i], entry[1], 'batched') end
-    left = left - #entries
-    table.insert(out, {KEYS[i], entries})
+  if left <= 0 or bytes <= 0 then break end
+  local entries = {}
+  while left > 0 and bytes > 0 do
+    local step = math.min(left, math.max(1, math.floor(bytes / largest)))
+    local reply = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', step, 'STREAMS', KEYS[i], '>')
+    if not reply then break end
+    for _, entry in ipairs(reply[1][2]) do
+      redis.call('HSET', KEYS[n + i], entry[1], 'batched')
+      for _, value in ipairs(entry[2] or {}) do bytes = bytes - #value end
+      table.insert(entries, entry)
+    end
+    left = left - #reply[1][2]
   end
+  if #entries > 0 then table.insert(out, {KEYS[i], entries}) end
 end
 return out
 """
@@ -361,6 +371,11 @@ class Delivery:
     def key(self) -> str:
         """Unique across streams (entry ids are unique only within one)."""
         return f"{self.stream}/{self.entry_id}"
+
+    @property
+    def nbytes(self) -> int:
+        """What holding it costs: its field values (the image, mostly), as the read script counts."""
+        return sum(len(value) for value in self.fields.values())
 
 
 @dataclass(frozen=True)

@@ -73,7 +73,7 @@ class Service:
             for b in spec.buckets
         }
         window = pipeline.max_inflight or sum(2 * len(ex.lanes) * ex.bucket.max_batch for ex in self.executors.values())
-        self.inflight = Inflight(window)
+        self.inflight = Inflight(window, pipeline.max_image_bytes)
         self.settler = Settler(broker, self.inflight, metrics)
         self._received = {p: metrics.jobs_received.labels(p) for p in PRIORITIES}
         self._queue_wait = {p: metrics.queue_wait.labels(p) for p in PRIORITIES}
@@ -96,6 +96,10 @@ class Service:
         self._reclaim_every_s = min(redis.lease_s / 2, max(redis.retry_backoff_s, 0.5))
         #: the most one reader asks for: its share of the window, so that every reader can read at once
         self._read_share = min(redis.read_count, -(-window // redis.concurrent_reads))
+        self._byte_share = self.inflight.byte_capacity // redis.concurrent_reads
+        #: the last read brought an entry larger than a reader's share of the bytes: reads go one at
+        #: a time (each may cross its budget by one entry). Until a read says otherwise, assumed
+        self._large_entries = True
         metrics.inflight_capacity.set(window)
 
     # ---- state ----------------------------------------------------------------------------
@@ -358,8 +362,12 @@ class Service:
                 await self._pause(BROKER_RETRY_S)
 
     def _may_read(self) -> bool:
-        """Room in the window and no suspect running alone (or a stop, which ends the reader)."""
-        return (self.inflight.free > 0 and not self._isolating.locked()) or self._stopping.is_set()
+        """Room in the window, no suspect running alone, and with large entries no other read on the
+        wire (or a stop, which ends the reader)."""
+        one_at_a_time = self._large_entries and self.inflight.reserved_bytes > 0
+        return (
+            self.inflight.free > 0 and not self._isolating.locked() and not one_at_a_time
+        ) or self._stopping.is_set()
 
     async def _read_and_admit(self, burst: bool) -> bool:
         """Entries reclaimed (every so often, as many as there is room for) or else new ones (up to
@@ -377,8 +385,7 @@ class Service:
             if len(deliveries) < room:
                 self._next_reclaim = time.monotonic() + self._reclaim_every_s
         if not deliveries and (room := min(self.inflight.free, self._read_share)):
-            with self.inflight.reserving(room):
-                deliveries = await self._read_entries(room)
+            deliveries = await self._read_entries(room)
         await self._admit_all(deliveries)  # holds what came before its first await
         if not deliveries and burst and not len(self.inflight) and await self.broker.backlog() == 0:
             logger.info("burst: queue empty and nothing in flight")
@@ -392,8 +399,18 @@ class Service:
         return reclaimed
 
     async def _read_entries(self, room: int) -> list[Delivery]:
+        """Queued entries within this reader's share of the bytes (all the free bytes, one reader at
+        a time, while entries are large); when none are queued, wait on the server for the next."""
         started = time.perf_counter()
-        deliveries = await self.broker.read(room)
+        free_bytes = self.inflight.free_bytes
+        nbytes = free_bytes if self._large_entries else min(free_bytes, self._byte_share)
+        with self.inflight.reserving(room, nbytes):
+            deliveries = await self.broker.read(room, nbytes, self.settings.pipeline.max_image_bytes)
+        if deliveries:
+            self._large_entries = max(d.nbytes for d in deliveries) > self._byte_share
+        else:
+            with self.inflight.reserving(min(room, len(PRIORITIES))):
+                deliveries = await self.broker.wait_for_entries()
         self.metrics.read.observe(time.perf_counter() - started)
         return deliveries
 

@@ -427,6 +427,32 @@ def test_decompression_bombs_stay_under_the_memory_bound(redis_url: str) -> None
     assert growth < 512 + 200, figure  # the budget, plus resized copies and allocator slack
 
 
+def test_large_entries_are_held_by_bytes_not_by_count(
+    redis_url: str, redis_client: redis.Redis, photos: list[Path]
+) -> None:
+    """Ten 60 MiB entries (a photo and trailing bytes), each under max_image_bytes, queued before
+    the worker starts: the window bounds the bytes it holds (max_image_bytes, crossed by one entry
+    at most), so the worker holds at most two of them at a time. When it counted entries only, its
+    first read took all ten (peak RSS +754 MiB)."""
+    photo = cv2.imencode(".jpg", cv2.imread(str(photos[0])))[1].tobytes()
+    with Client(redis_url) as client:
+        job_ids = client.submit_many([photo + bytes([i]) * (60 << 20) for i in range(10)])
+    env = worker_env(redis_url, **FAKE, IMGWORKER_BACKEND__FAKE__BATCH_MS="300")
+    held: list[int] = []
+    with WorkerProcess(env) as worker:
+        worker.wait_ready()  # the consumer group exists from here
+        while len(_docs(redis_client, job_ids)) < 10:  # entries read and not yet settled, as Redis sees them
+            held.append(sum(int(redis_client.xpending(stream, "workers")["pending"]) for stream in KEYS.streams))
+            time.sleep(0.01)
+            assert worker.process.poll() is None, worker.log
+        peak = _peak_rss_mib(worker.process.pid)
+    docs = _docs(redis_client, job_ids)
+    figure = f"ten 60 MiB entries: at most {max(held)} held at once, peak RSS {peak:.0f} MiB"
+    print(figure)
+    assert all(d["status"] == "ok" for d in docs.values()), figure
+    assert max(held) <= 2, figure
+
+
 def _certificates(into: Path) -> dict[str, Path]:
     """A private CA and a server certificate for 127.0.0.1, made with openssl."""
 
