@@ -29,11 +29,11 @@ sys.path.insert(0, str(REPO))
 from tests.support.corpus import resized_jpegs  # noqa: E402
 from tests.support.workers import run_on_fresh_redis  # noqa: E402
 from worker.backends import open_backend  # noqa: E402
-from worker.buckets import load_model_spec  # noqa: E402
-from worker.graph import engine_output  # noqa: E402
-from worker.imaging import ByteBudget, Limits, prepare  # noqa: E402
-from worker.postprocess import text_boxes  # noqa: E402
-from worker.settings import Settings  # noqa: E402
+from worker.compute.graph import engine_output  # noqa: E402
+from worker.compute.imaging import ByteBudget, Limits, prepare  # noqa: E402
+from worker.compute.postprocess import text_boxes  # noqa: E402
+from worker.core.buckets import load_model_spec  # noqa: E402
+from worker.core.settings import Settings  # noqa: E402
 
 
 def baseline(images: list[bytes], settings: Settings) -> float:

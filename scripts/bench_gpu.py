@@ -42,8 +42,8 @@ sys.path.insert(0, str(REPO))
 from tests.support.boxes import unmatched  # noqa: E402
 from tests.support.corpus import resized_jpegs, sample_photos  # noqa: E402
 from tests.support.workers import run_on_fresh_cluster, run_on_fresh_redis  # noqa: E402
-from worker.buckets import ModelSpec, load_model_spec  # noqa: E402
-from worker.settings import Settings  # noqa: E402
+from worker.core.buckets import ModelSpec, load_model_spec  # noqa: E402
+from worker.core.settings import Settings  # noqa: E402
 
 SPEC = REPO / "tests" / "gpu" / "spec_small.yaml"
 UNIFORM_SIZE = (512, 384)  # width, height: the m512 bucket's opt shape, no padding
@@ -195,9 +195,9 @@ def stage_medians(results: list[Any]) -> dict[str, float]:
 
 def sample_boxes(settings: Settings, spec: ModelSpec, count: int = 40) -> dict[str, list[Any]]:
     """Boxes of real photos through the TensorRT backend, one at a time (no batch companions)."""
-    from worker.graph import engine_output
-    from worker.imaging import ByteBudget, Limits, prepare
-    from worker.postprocess import text_boxes
+    from worker.compute.graph import engine_output
+    from worker.compute.imaging import ByteBudget, Limits, prepare
+    from worker.compute.postprocess import text_boxes
 
     backend = open_engine(settings, spec, 1)
     try:

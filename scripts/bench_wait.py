@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 
 from tests.support.redis_server import RedisServer  # noqa: E402
 from worker.client import Client  # noqa: E402
-from worker.protocol import JobResult, Keys  # noqa: E402
+from worker.core.protocol import JobResult, Keys  # noqa: E402
 
 ROUND = 50
 ROUND_PAUSE_S = 0.005

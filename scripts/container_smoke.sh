@@ -50,7 +50,7 @@ done
 echo "ready; running as uid $("$engine" exec "$name" id -u)"
 
 echo "== enqueue the demo photos"
-photos=$(.venv/bin/python -c 'from worker.settings import Settings; print(Settings().assets_dir / "demo")')
+photos=$(.venv/bin/python -c 'from worker.core.settings import Settings; print(Settings().assets_dir / "demo")')
 .venv/bin/python -m worker enqueue --redis-url "redis://127.0.0.1:$redis_port/0" --wait --json --timeout 600 \
   "$photos" >"$work/results.jsonl"
 total=$(wc -l <"$work/results.jsonl")

@@ -34,7 +34,7 @@ for _ in $(seq 300); do
   sleep 0.2
 done
 
-photos=$(.venv/bin/python -c 'from worker.settings import Settings; print(Settings().assets_dir / "demo")')
+photos=$(.venv/bin/python -c 'from worker.core.settings import Settings; print(Settings().assets_dir / "demo")')
 echo
 echo "The model is PP-OCRv4's text detector: for each photo it finds where text is (a box around each"
 echo "word or line of text, in the photo's pixels) but does not read it. $(ls "$photos" | wc -l) photos with text:"

@@ -12,8 +12,8 @@ import redis
 from tests.support.corpus import sample_photos
 from tests.support.redis_server import RedisServer
 from tests.support.workers import REPO, worker_env
-from worker.buckets import ModelSpec, load_model_spec
-from worker.settings import DEFAULT_SPEC, Settings
+from worker.core.buckets import ModelSpec, load_model_spec
+from worker.core.settings import DEFAULT_SPEC, Settings
 
 #: quick leases and retries, so fault tests run in seconds
 FAST_REDIS = {"lease_s": 2.0, "block_ms": 200, "retry_backoff_s": 0.3}

@@ -205,8 +205,8 @@ def _copy_images(source: Path, into: Path, prefix: str) -> int:
 
 def _record_fake_map(model_file: Path, photo: Path) -> None:
     from worker.backends.fake import record_probability_map, recorded_map_path
-    from worker.buckets import load_model_spec
-    from worker.settings import DEFAULT_SPEC
+    from worker.core.buckets import load_model_spec
+    from worker.core.settings import DEFAULT_SPEC
 
     if not recorded_map_path(model_file).is_file():
         logger.info("recording the fake backend's probability map from %s", photo.name)

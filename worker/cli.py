@@ -16,24 +16,19 @@ import os
 import signal
 import statistics
 import sys
-import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
 from worker import __version__
-from worker.errors import ConfigError, InvalidJobError, WorkerError
-from worker.logs import configure_logging
-from worker.settings import Settings
+from worker.core.errors import ConfigError, InvalidJobError, WorkerError
+from worker.core.logs import configure_logging
+from worker.core.settings import Settings
 
 logger = logging.getLogger("worker")
 EXIT_CONFIG = 2
 #: enqueue: Redis could not be reached, or refused some jobs
 EXIT_REDIS = 3
-#: set when the worker stops with a batch still running on a lane thread
-_UNFINISHED = threading.Event()
 T = TypeVar("T")
 #: what `enqueue DIR` picks up: every format the worker decodes
 IMAGE_SUFFIXES = frozenset(
@@ -60,91 +55,13 @@ def _settings(args: argparse.Namespace) -> Settings:
 # ---- run ---------------------------------------------------------------------------------------
 
 
-def _in_daemon_thread(fn: Callable[[], T]) -> Future[T]:
-    """Run a long blocking call (an engine build) where a stop need not wait for it to finish."""
-    future: Future[T] = Future()
+async def _serve(settings: Settings, burst: bool) -> tuple[int, bool]:
+    """The exit status, and whether work is left running that the process must not wait for."""
+    from worker.lifespan import Worker
 
-    def target() -> None:
-        try:
-            future.set_result(fn())
-        except BaseException as exc:
-            future.set_exception(exc)
-
-    threading.Thread(target=target, name="backend-open", daemon=True).start()
-    return future
-
-
-async def _serve(settings: Settings, burst: bool) -> int:
-    from worker.backends import open_backend
-    from worker.broker import Broker
-    from worker.buckets import load_model_spec
-    from worker.connection import redact
-    from worker.http import serve_http
-    from worker.metrics import Metrics
-    from worker.service import Service
-
-    logger.info("imgworker %s, consumer %s, redis %s", __version__, settings.redis.consumer, redact(settings.redis.url))
-    spec = load_model_spec(settings.model_spec)
-    metrics = Metrics()
-    service: Service | None = None
-    stopped = asyncio.Event()
-    loop = asyncio.get_running_loop()
-
-    def on_signal() -> None:
-        stopped.set()
-        if service is not None:
-            service.stop()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal)
-    server = None
-    if settings.metrics.enabled:
-        try:
-            server = serve_http(
-                settings.metrics.host,
-                settings.metrics.port,
-                metrics.registry,
-                lambda: bool(service and service.ready()),
-            )
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot serve metrics on {settings.metrics.host}:{settings.metrics.port}: {exc.strerror or exc}"
-            ) from None
-        logger.info("metrics and health on http://%s:%d/metrics", *server.server_address[:2])
-    try:
-        opening = asyncio.wrap_future(
-            _in_daemon_thread(lambda: open_backend(spec, settings.onnx_path(spec.onnx), settings.backend))
-        )
-        waiter: asyncio.Future[Any] = asyncio.ensure_future(stopped.wait())
-        await asyncio.wait([opening, waiter], return_when=asyncio.FIRST_COMPLETED)
-        waiter.cancel()
-        if not opening.done():
-            logger.info("stopped while the backend was starting; exiting without waiting for it")
-            return 0
-        backend = opening.result()
-        describe = backend.describe()
-        logger.info("backend %s open with buckets %s", describe, [b.id for b in spec.buckets])
-        metrics.build_info.info({"version": __version__, "model": spec.name, **describe})
-        if settings.metrics.gpu and backend.kind == "tensorrt":
-            from worker.gpu_metrics import register_gpu_metrics
-
-            register_gpu_metrics(metrics.registry, settings.backend.tensorrt.device)
-        broker = Broker(settings.redis)
-        service = Service(settings, spec, backend, broker, metrics)
-        if stopped.is_set():
-            service.stop()
-        try:
-            return await service.run(burst=burst)
-        finally:
-            await broker.aclose()
-            if service.lanes_idle():
-                await asyncio.to_thread(backend.close)
-            else:  # closing under a running batch could free buffers the GPU still uses
-                logger.warning("a batch is still running at exit; leaving it and the backend to the process exit")
-                _UNFINISHED.set()
-    finally:
-        if server is not None:
-            server.shutdown()
+    async with Worker.open(settings) as worker:
+        code = await worker.run(burst)
+    return code, worker.unfinished
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -154,14 +71,22 @@ def cmd_run(args: argparse.Namespace) -> int:
         from worker.supervisor import supervise
 
         return supervise(settings, args.processes, args.gpus, args.burst)
-    return asyncio.run(_serve(settings, args.burst))
+    code, unfinished = asyncio.run(_serve(settings, args.burst))
+    if unfinished:
+        # A stop came while an engine was building or a batch was running: neither can be
+        # interrupted, waiting for them would outlast the grace period, and interpreter shutdown
+        # under them could crash. Everything else is cleaned up already.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def cmd_serve_engine(args: argparse.Namespace) -> int:
     """The engine server of one GPU: its lanes, lent to worker processes over a Unix socket."""
     from worker.backends import open_backend
     from worker.backends.remote import EngineServer
-    from worker.buckets import load_model_spec
+    from worker.core.buckets import load_model_spec
 
     settings = _settings(args)
     configure_logging(settings.log_level, settings.log_format)
@@ -293,7 +218,7 @@ async def _submit(
 
 async def _enqueue(args: argparse.Namespace, settings: Settings) -> int:
     from worker.client import AsyncClient
-    from worker.protocol import JobResult
+    from worker.core.protocol import JobResult
 
     paths = expand_inputs(args.paths)
     lines: list[dict[str, Any]] = [_line(p, None, "error", "unreadable", None) for p in paths]
@@ -383,7 +308,7 @@ def cmd_fetch_assets(args: argparse.Namespace) -> int:
 
 
 def cmd_build_engine(args: argparse.Namespace) -> int:
-    from worker.buckets import load_model_spec
+    from worker.core.buckets import load_model_spec
 
     settings = Settings.load(**({"model_spec": args.spec} if args.spec else {}))
     configure_logging(settings.log_level, settings.log_format)
@@ -488,11 +413,4 @@ def main(argv: list[str] | None = None) -> int:
     except WorkerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         code = 1
-    if _UNFINISHED.is_set() or any(t.name == "backend-open" for t in threading.enumerate()):
-        # A stop came while an engine was building or a batch was running: neither can be
-        # interrupted, waiting for them would outlast the grace period, and interpreter shutdown
-        # under them could crash. Everything else is cleaned up already.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
     return code

@@ -26,9 +26,8 @@ import numpy as np
 import numpy.typing as npt
 from redis.exceptions import NoScriptError, OutOfMemoryError, RedisError, ResponseError
 
-from worker.connection import broker_error, connect, keys_for, mapped, redact
-from worker.errors import BrokerError, InvalidJobError, RedisRefusedError
-from worker.protocol import (
+from worker.core.errors import BrokerError, InvalidJobError, RedisRefusedError
+from worker.core.protocol import (
     DEFAULT_PRIORITY,
     ENQUEUE_MEMORY_FRACTION,
     ENQUEUE_SCRIPT,
@@ -38,7 +37,8 @@ from worker.protocol import (
     JobResult,
     new_job_id,
 )
-from worker.settings import RedisSettings
+from worker.core.settings import RedisSettings
+from worker.transport.connection import PRODUCER_BACKOFF, broker_error, connect, keys_for, mapped, redact
 
 ImageInput = bytes | bytearray | memoryview | str | Path | npt.NDArray[Any]
 #: BLPOP accepts many keys at once; beyond this many we wait in slices to keep commands small
@@ -52,7 +52,6 @@ CONNECT_TIMEOUT_S = 5.0
 SUBMIT_CHUNK_BYTES = 32 * 1024 * 1024
 DEFAULT_MAX_IMAGE_BYTES = 64 * 1024 * 1024
 MIB = 1 << 20
-_BACKOFF_FIRST_S, _BACKOFF_CAP_S = 0.05, 1.0
 T = TypeVar("T")
 
 
@@ -181,8 +180,8 @@ class AsyncClient:
     async def _retrying(self, what: str, call: Callable[[], Awaitable[T]], deadline: float | None) -> T:
         """Retry ``call`` on connection errors with backoff until ``deadline`` (monotonic; None:
         forever), or ``connect_timeout_s`` while Redis was never reached; a refusal is not retried."""
-        delay, started = _BACKOFF_FIRST_S, time.monotonic()
-        while True:
+        started = time.monotonic()
+        for delay in PRODUCER_BACKOFF.delays():
             try:
                 with mapped(what, self.url):
                     result = await call()
@@ -197,7 +196,7 @@ class AsyncClient:
                 if deadline is not None and time.monotonic() + delay > deadline:
                     raise
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, _BACKOFF_CAP_S)
+        raise AssertionError("unreachable: the delays never end")
 
     def _request(
         self,
@@ -392,7 +391,7 @@ class AsyncClient:
         started = time.monotonic()
         deadline = None if timeout_s is None else started + timeout_s
         results: dict[str, JobResult] = {}
-        delay = _BACKOFF_FIRST_S
+        delays = PRODUCER_BACKOFF.delays()
         check_all = True
         while pending := [j for j in pending if j not in results]:
             left = None if deadline is None else deadline - time.monotonic()
@@ -411,14 +410,14 @@ class AsyncClient:
                         await self._collect(popped, results, on_result)
                     else:
                         check_all = True
-                delay = _BACKOFF_FIRST_S
+                delays = PRODUCER_BACKOFF.delays()
             except BrokerError as exc:
                 if unreachable := self._unreachable(started, exc):
                     raise unreachable from exc
+                delay = next(delays)
                 if left is not None and left <= delay:
                     break
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, _BACKOFF_CAP_S)
                 check_all = True  # notifications may have been lost with the connection
         return results
 

@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from worker.metrics import PREFIX
+from worker.core.metrics import PREFIX
 
 logger = logging.getLogger(__name__)
 

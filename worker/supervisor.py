@@ -32,9 +32,9 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from worker.connection import redact
+from worker.core.settings import Settings, environment, usable_cores
 from worker.http import serve_http
-from worker.settings import Settings, environment, usable_cores
+from worker.transport.connection import redact
 
 logger = logging.getLogger(__name__)
 PORT_LINE = re.compile(r"metrics and health on http://[^:]+:(\d+)/metrics")

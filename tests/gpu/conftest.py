@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from worker.buckets import ModelSpec, load_model_spec
-from worker.settings import Settings
+from worker.core.buckets import ModelSpec, load_model_spec
+from worker.core.settings import Settings
 
 SMALL_SPEC = Path(__file__).with_name("spec_small.yaml")
 
@@ -24,7 +24,7 @@ def _gpu_missing() -> str | None:
         if importlib.util.find_spec(module) is None:
             return f"{module} is not installed (pip install 'imgworker[gpu]')"
     from worker.backends.tensorrt._cuda import Device
-    from worker.errors import EngineLoadError
+    from worker.core.errors import EngineLoadError
 
     try:
         Device(0)

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from tests.support.boxes import unmatched
-from worker.buckets import ModelSpec
-from worker.graph import engine_output
-from worker.imaging import ByteBudget, Limits, Prepared, assemble, prepare
-from worker.postprocess import text_boxes
+from worker.compute.graph import engine_output
+from worker.compute.imaging import ByteBudget, Limits, Prepared, assemble, prepare
+from worker.compute.postprocess import text_boxes
+from worker.core.buckets import ModelSpec
 
 pytestmark = pytest.mark.gpu
 #: what a user sees must not change: every box scoring at least this from one decode has a

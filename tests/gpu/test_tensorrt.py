@@ -12,11 +12,11 @@ import pytest
 
 from worker.backends.onnxruntime import OnnxRuntimeBackend
 from worker.backends.remote import EngineServer, RemoteBackend
-from worker.buckets import BucketSpec, ModelSpec
-from worker.errors import ShapeOutOfProfileError
-from worker.graph import engine_output
-from worker.imaging import ByteBudget, Limits, assemble, prepare
-from worker.settings import BackendSettings, Settings
+from worker.compute.graph import engine_output
+from worker.compute.imaging import ByteBudget, Limits, assemble, prepare
+from worker.core.buckets import BucketSpec, ModelSpec
+from worker.core.errors import ShapeOutOfProfileError
+from worker.core.settings import BackendSettings, Settings
 
 pytestmark = pytest.mark.gpu
 #: TF32 off: TensorRT and ONNX Runtime differ only in float32 summation order and kernels, so a

@@ -10,7 +10,7 @@ from tests.conftest import worker_env
 from tests.gpu.conftest import SMALL_SPEC
 from tests.support.boxes import CLEAR_SCORE, unmatched
 from tests.support.workers import run_jobs
-from worker.settings import Settings
+from worker.core.settings import Settings
 
 pytestmark = pytest.mark.gpu
 BOX_IOU = 0.9

@@ -8,7 +8,7 @@ from pathlib import Path
 import redis
 
 from tests.conftest import REPO
-from worker.protocol import Keys
+from worker.core.protocol import Keys
 
 
 def test_enqueue_answers_every_input_once_even_unreadable_ones(

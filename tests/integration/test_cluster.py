@@ -19,11 +19,11 @@ from tests.conftest import FAST_LEASE_ENV, worker_env
 from tests.support.redis_cluster import Cluster
 from tests.support.redis_server import free_port
 from tests.support.workers import WorkerProcess
-from worker.broker import Broker
 from worker.client import Client
-from worker.connection import mapped
-from worker.errors import BrokerError
-from worker.settings import RedisSettings
+from worker.core.errors import BrokerError
+from worker.core.settings import RedisSettings
+from worker.transport.broker import Broker
+from worker.transport.connection import mapped
 
 pytestmark = pytest.mark.slow
 SHARDS = 6

@@ -17,7 +17,7 @@ from tests.support.faulty import POISON_BGR
 from tests.support.redis_server import RedisServer
 from tests.support.workers import WorkerProcess, worker_env
 from worker.client import Client
-from worker.protocol import JobResult, Keys
+from worker.core.protocol import JobResult, Keys
 
 pytestmark = pytest.mark.slow
 KEYS = Keys()

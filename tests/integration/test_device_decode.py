@@ -16,12 +16,12 @@ from tests.support.decoding import DecodingOrtBackend
 from tests.support.inprocess import serving
 from worker.backends.onnxruntime import OnnxRuntimeBackend
 from worker.backends.remote import EngineServer, RemoteBackend
-from worker.buckets import ModelSpec
 from worker.client import AsyncClient
-from worker.graph import engine_output
-from worker.imaging import ByteBudget, Limits, prepare
-from worker.protocol import JobResult
-from worker.settings import BackendSettings
+from worker.compute.graph import engine_output
+from worker.compute.imaging import ByteBudget, Limits, prepare
+from worker.core.buckets import ModelSpec
+from worker.core.protocol import JobResult
+from worker.core.settings import BackendSettings
 
 pytestmark = pytest.mark.slow
 

@@ -17,7 +17,7 @@ import redis
 
 from tests.conftest import REPO, worker_env
 from tests.support.workers import WorkerProcess
-from worker.protocol import Keys
+from worker.core.protocol import Keys
 
 pytestmark = pytest.mark.slow
 KEYS = Keys()

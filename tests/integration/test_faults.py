@@ -27,7 +27,7 @@ from tests.support.faulty import POISON_BGR
 from tests.support.redis_server import RedisServer
 from tests.support.workers import WorkerProcess
 from worker.client import Client
-from worker.protocol import Keys
+from worker.core.protocol import Keys
 
 pytestmark = pytest.mark.slow
 KEYS = Keys()
@@ -483,7 +483,7 @@ def test_tls_with_a_password_and_clear_fatal_errors(tmp_path: Path, photos: list
         )
         with WorkerProcess(good) as worker:
             worker.wait_ready()
-            from worker.settings import RedisSettings
+            from worker.core.settings import RedisSettings
 
             settings = RedisSettings(url=server.url, password=password, tls_ca_file=certs["ca"])
             with Client(redis_settings=settings) as client:
@@ -519,7 +519,7 @@ def test_an_installed_wheel_runs_without_the_checkout(redis_url: str, tmp_path: 
     )
     env = {**worker_env(redis_url, **FAKE), "PYTHONPATH": str(target)}
     where = subprocess.run(
-        [sys.executable, "-c", "import worker.settings as s; print(s.DEFAULT_SPEC)"],
+        [sys.executable, "-c", "import worker.core.settings as s; print(s.DEFAULT_SPEC)"],
         cwd=tmp_path,
         env=env,
         capture_output=True,

@@ -22,7 +22,7 @@ from tests.support.faulty import POISON_BGR
 from tests.support.redis_server import free_port
 from tests.support.workers import WorkerProcess
 from worker.client import Client
-from worker.protocol import Keys
+from worker.core.protocol import Keys
 
 pytestmark = pytest.mark.slow
 CONFIG = REPO / "config"

@@ -21,13 +21,13 @@ from tests.support.inprocess import serving
 from tests.support.redis_server import RedisServer
 from worker.backends import open_backend
 from worker.backends.fake import FakeBackend
-from worker.broker import Broker, GroupStats
-from worker.buckets import ModelSpec
 from worker.client import AsyncClient
-from worker.metrics import Metrics
-from worker.protocol import DEFAULT_PRIORITY, JobRequest, Keys
-from worker.service import Service
-from worker.settings import Settings
+from worker.core.buckets import ModelSpec, load_model_spec
+from worker.core.metrics import Metrics
+from worker.core.protocol import DEFAULT_PRIORITY, JobRequest, Keys
+from worker.core.settings import Settings
+from worker.pipeline.service import Service
+from worker.transport.broker import Broker, GroupStats
 
 KEYS = Keys()
 POISON = cv2.imencode(".png", np.full((96, 64, 3), POISON_BGR, np.uint8))[1].tobytes()
@@ -120,7 +120,7 @@ async def test_a_failing_job_fails_alone_and_the_worker_keeps_serving(
 async def test_a_postprocessing_bug_fails_that_job_only(
     redis_url: str, photos: list[Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from worker import executor
+    from worker.pipeline import executor
 
     real = executor.text_boxes
 
@@ -167,7 +167,7 @@ async def test_a_hung_batch_is_detected_and_the_worker_exits(redis_url: str, spe
                     await client.submit(POISON)
                 code = await asyncio.wait_for(running.task, 30)
                 waited = time.monotonic() - started
-                assert code == 1 and running.service.wedged and not running.service.ready()
+                assert code == 1 and running.service.health.wedged and not running.service.ready()
                 assert not running.service.lanes_idle()  # the hung batch still holds its lane: never closed under it
             assert 2 <= waited < 10, f"wedge detected after {waited:.1f} s with stall_s 2"
             attempts = sync.hgetall(KEYS.attempts(KEYS.stream(1)))
@@ -261,7 +261,9 @@ async def test_read_ahead_stays_within_the_window(redis_url: str, photos: list[P
             assert pending <= window + 2, f"{pending} entries pending with a window of {window}"
             await asyncio.sleep(0.01)
         await waiting
-    expected = max_inflight or sum(2 * 2 * b.max_batch for b in running.service.spec.buckets)  # two lanes per bucket
+    expected = max_inflight or sum(
+        2 * 2 * b.max_batch for b in load_model_spec(settings.model_spec).buckets
+    )  # two lanes a bucket
     assert window == expected and 0 < peak <= window
 
 
@@ -341,7 +343,7 @@ async def test_suspects_claimed_by_two_readers_at_once_run_alone_one_after_anoth
         await claimer.aclose()
     assert len(suspects) == 4 and all(d.suspect for d in suspects)
     async with serving(settings) as running, AsyncClient(redis_url) as client:
-        admit = running.service._admit_all  # what each reader does with what its reclaim brought
+        admit = running.service.intake._admit_all  # what each reader does with what its reclaim brought
         await asyncio.wait_for(asyncio.gather(admit(suspects[:2]), admit(suspects[2:])), 20)
         results = await client.wait_many(ids, timeout_s=30)
     assert all(r.status == "ok" and r.result["batch_size"] == 1 for r in results.values()), results

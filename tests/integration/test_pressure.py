@@ -19,8 +19,8 @@ from tests.conftest import FAST_LEASE_ENV, REPO
 from tests.support.redis_server import RedisServer, free_port
 from tests.support.workers import WorkerProcess, worker_env
 from worker.client import Client, SubmitError
-from worker.errors import BrokerError
-from worker.protocol import FOREIGN_RESULT_KEY, Keys
+from worker.core.errors import BrokerError
+from worker.core.protocol import FOREIGN_RESULT_KEY, Keys
 
 pytestmark = pytest.mark.slow
 KEYS = Keys()

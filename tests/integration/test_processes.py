@@ -17,12 +17,12 @@ from tests.conftest import REPO, worker_env
 from tests.support.workers import WorkerProcess
 from worker.backends.fake import FakeBackend
 from worker.backends.remote import RemoteBackend
-from worker.buckets import ModelSpec
 from worker.client import Client
-from worker.errors import BackendError, EngineLoadError, ShapeOutOfProfileError
-from worker.graph import engine_output
-from worker.protocol import Keys
-from worker.settings import BackendSettings
+from worker.compute.graph import engine_output
+from worker.core.buckets import ModelSpec
+from worker.core.errors import BackendError, EngineLoadError, ShapeOutOfProfileError
+from worker.core.protocol import Keys
+from worker.core.settings import BackendSettings
 
 pytestmark = pytest.mark.slow
 KEYS = Keys()

@@ -15,10 +15,10 @@ from PIL import Image
 from tests.conftest import worker_env
 from tests.support.boxes import unmatched
 from tests.support.workers import WorkerProcess
-from worker.buckets import ModelSpec
 from worker.client import Client
-from worker.graph import engine_output
-from worker.imaging import ByteBudget, Limits, prepare
+from worker.compute.graph import engine_output
+from worker.compute.imaging import ByteBudget, Limits, prepare
+from worker.core.buckets import ModelSpec
 
 pytestmark = pytest.mark.slow
 BOX_IOU = 0.9

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import cv2
 
-from worker.settings import Settings
+from worker.core.settings import Settings
 
 
 def sample_photos(assets_dir: Path | None = None) -> list[Path]:

@@ -12,7 +12,7 @@ import numpy as np
 
 from worker.backends.base import Compressed, Lane, Outputs
 from worker.backends.onnxruntime import OnnxRuntimeBackend, OnnxRuntimeLane
-from worker.buckets import BucketSpec
+from worker.core.buckets import BucketSpec
 
 
 class _DecodingLane(OnnxRuntimeLane):

@@ -17,8 +17,8 @@ import numpy as np
 from worker.backends.base import Compressed, Lane, Outputs
 from worker.backends.fake import FakeBackend, FakeLane
 from worker.backends.onnxruntime import OnnxRuntimeBackend, OnnxRuntimeLane
-from worker.buckets import BucketSpec
-from worker.errors import BackendError
+from worker.core.buckets import BucketSpec
+from worker.core.errors import BackendError
 
 POISON_BGR = (90, 17, 201)
 

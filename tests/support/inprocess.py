@@ -9,11 +9,11 @@ from dataclasses import dataclass
 
 from worker.backends import open_backend
 from worker.backends.base import Backend
-from worker.broker import Broker
-from worker.buckets import ModelSpec, load_model_spec
-from worker.metrics import Metrics
-from worker.service import Service
-from worker.settings import Settings
+from worker.core.buckets import ModelSpec, load_model_spec
+from worker.core.metrics import Metrics
+from worker.core.settings import Settings
+from worker.pipeline.service import Service
+from worker.transport.broker import Broker
 
 
 @dataclass

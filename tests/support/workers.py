@@ -22,10 +22,10 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.redis_server import RedisServer
-from worker.broker import Broker
 from worker.client import Client, ImageInput
-from worker.protocol import JobResult
-from worker.settings import RedisSettings
+from worker.core.protocol import JobResult
+from worker.core.settings import RedisSettings
+from worker.transport.broker import Broker
 
 REPO = Path(__file__).resolve().parents[2]
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]

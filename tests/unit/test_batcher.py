@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from worker.batcher import Batcher
-from worker.buckets import BucketSpec
+from worker.core.buckets import BucketSpec
+from worker.pipeline.batcher import Batcher
 
 BUCKET = BucketSpec(id="b", min=(1, 32, 32), opt=(4, 64, 64), max=(8, 64, 64), max_wait_ms=80)
 SQUARE = (64, 64)

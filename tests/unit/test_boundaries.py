@@ -11,9 +11,9 @@ import pytest
 
 from tests.conftest import REPO
 from worker.backends import open_backend
-from worker.buckets import ModelSpec
-from worker.errors import ConfigError
-from worker.settings import BackendSettings
+from worker.core.buckets import ModelSpec
+from worker.core.errors import ConfigError
+from worker.core.settings import BackendSettings
 
 #: imported only when the TensorRT backend is chosen (GPU metrics come with it); __main__ runs the CLI
 GPU_ONLY = ("worker.backends.tensorrt", "worker.gpu_metrics", "worker.__main__")

@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from worker.buckets import BucketSpec, ModelSpec, downscale_to_fit, load_model_spec, select_bucket
-from worker.errors import ConfigError, NoBucketError
-from worker.imaging import route, target_size
+from worker.compute.imaging import route, target_size
+from worker.core.buckets import BucketSpec, ModelSpec, downscale_to_fit, load_model_spec, select_bucket
+from worker.core.errors import ConfigError, NoBucketError
 
 BUCKETS = (
     BucketSpec(id="s", min=(1, 32, 32), opt=(8, 320, 320), max=(16, 320, 320)),

@@ -10,9 +10,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from worker.buckets import ModelSpec
-from worker.errors import EngineLoadError
-from worker.graph import ENGINE_INPUT, augment, engine_graph, engine_output
+from worker.compute.graph import ENGINE_INPUT, augment, engine_graph, engine_output
+from worker.core.buckets import ModelSpec
+from worker.core.errors import EngineLoadError
 
 #: ONNX Runtime runs the same float32 ops in both graphs; only fusion may reorder a rounding
 RELATIVE_TOLERANCE = 1e-5

@@ -12,9 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from worker.buckets import ModelSpec
-from worker.errors import DecodeError, ImageTooLargeError
-from worker.imaging import (
+from worker.compute.imaging import (
     ByteBudget,
     Limits,
     _decode_with_pillow,
@@ -26,6 +24,8 @@ from worker.imaging import (
     route,
     to_bgr8,
 )
+from worker.core.buckets import ModelSpec
+from worker.core.errors import DecodeError, ImageTooLargeError
 
 LIMITS = Limits(max_pixels=40_000_000, max_decoded_bytes=512 << 20)
 
@@ -81,8 +81,8 @@ def test_jpeg_frame_header_far_into_the_file_is_found() -> None:
 
 
 def _spec_any() -> ModelSpec:
-    from worker.buckets import load_model_spec
-    from worker.settings import DEFAULT_SPEC
+    from worker.core.buckets import load_model_spec
+    from worker.core.settings import DEFAULT_SPEC
 
     return load_model_spec(DEFAULT_SPEC)
 

@@ -9,10 +9,10 @@ import cv2
 import numpy as np
 import pytest
 
-from worker import jpeg
-from worker.buckets import ModelSpec
-from worker.errors import DecodeError
-from worker.imaging import ByteBudget, Limits, prepare
+from worker.compute import jpeg
+from worker.compute.imaging import ByteBudget, Limits, prepare
+from worker.core.buckets import ModelSpec
+from worker.core.errors import DecodeError
 
 LIMITS = Limits(40_000_000, 1 << 30)
 

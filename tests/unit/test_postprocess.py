@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from worker.buckets import PostprocessSpec
-from worker.postprocess import order_clockwise, text_boxes
+from worker.compute.postprocess import order_clockwise, text_boxes
+from worker.core.buckets import PostprocessSpec
 
 
 def test_order_clockwise_starts_top_left() -> None:

@@ -9,9 +9,9 @@ import zlib
 import numpy as np
 import pytest
 
-from worker.errors import ConfigError, InvalidJobError
-from worker.protocol import PROTOCOL_VERSION, JobRequest, JobResult, Keys, valid_job_id
-from worker.settings import Settings, usable_cores
+from worker.core.errors import ConfigError, InvalidJobError
+from worker.core.protocol import PROTOCOL_VERSION, JobRequest, JobResult, Keys, valid_job_id
+from worker.core.settings import Settings, usable_cores
 from worker.supervisor import decode_threads_each
 
 
@@ -131,7 +131,7 @@ def test_invalid_settings_name_the_field(
 
 
 def test_secrets_stay_out_of_settings_errors_and_logs(monkeypatch: pytest.MonkeyPatch) -> None:
-    from worker.connection import redact
+    from worker.transport.connection import redact
 
     monkeypatch.setenv("IMGWORKER_REDIS__URL", "redis://user:hunter2@127.0.0.1:99999/0")
     with pytest.raises(ConfigError) as info:
@@ -147,7 +147,7 @@ def test_decode_threads_follow_the_cores_a_process_may_use_not_the_machines() ->
     one_core = min(os.sched_getaffinity(0))
     probe = (
         f"import os; os.sched_setaffinity(0, {{{one_core}}}); "
-        "from worker.settings import Settings, usable_cores; from worker.supervisor import decode_threads_each; "
+        "from worker.core.settings import Settings, usable_cores; from worker.supervisor import decode_threads_each; "
         "print(usable_cores(), Settings.load().pipeline.decode_threads, decode_threads_each(4))"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
@@ -159,7 +159,7 @@ def test_decode_threads_follow_the_cores_a_process_may_use_not_the_machines() ->
 def test_settings_handed_to_a_child_process_read_back_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
     """The supervisor passes settings to its children as environment variables: what each child
     reads must be what the parent meant, lists and booleans included."""
-    from worker.settings import environment
+    from worker.core.settings import environment
 
     tensorrt = {"fp16": True, "tactic_sources": ["EDGE_MASK_CONVOLUTIONS"]}
     wanted = {

@@ -7,9 +7,9 @@ import logging
 from pathlib import Path
 
 from worker.backends.base import Backend
-from worker.buckets import ModelSpec
-from worker.errors import ConfigError, EngineLoadError
-from worker.settings import BackendSettings
+from worker.core.buckets import ModelSpec
+from worker.core.errors import ConfigError, EngineLoadError
+from worker.core.settings import BackendSettings
 
 logger = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from worker.buckets import BucketSpec, ModelSpec
-from worker.errors import BackendError, InternalError, ShapeOutOfProfileError
-from worker.settings import BackendSettings
+from worker.core.buckets import BucketSpec, ModelSpec
+from worker.core.errors import BackendError, InternalError, ShapeOutOfProfileError
+from worker.core.settings import BackendSettings
 
 Outputs = dict[str, npt.NDArray[Any]]
 Pixels = npt.NDArray[np.uint8]

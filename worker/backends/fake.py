@@ -17,9 +17,9 @@ import numpy as np
 import numpy.typing as npt
 
 from worker.backends.base import Backend, Compressed, HostLane, Lane, Outputs
-from worker.buckets import BucketSpec, ModelSpec
-from worker.errors import EngineLoadError
-from worker.graph import engine_output
+from worker.compute.graph import engine_output
+from worker.core.buckets import BucketSpec, ModelSpec
+from worker.core.errors import EngineLoadError
 
 
 def recorded_map_path(onnx_path: Path) -> Path:
@@ -29,8 +29,8 @@ def recorded_map_path(onnx_path: Path) -> Path:
 def record_probability_map(spec: ModelSpec, onnx_path: Path, photo: bytes) -> Path:
     """Run the real model (ONNX Runtime) on a real photo once and keep its map as a uint8 PNG."""
     from worker.backends.onnxruntime import OnnxRuntimeBackend
-    from worker.imaging import ByteBudget, Limits, prepare
-    from worker.settings import BackendSettings
+    from worker.compute.imaging import ByteBudget, Limits, prepare
+    from worker.core.settings import BackendSettings
 
     uint8_spec = spec.model_copy(update={"engine_output": "uint8"})
     prepared = prepare(photo, uint8_spec, Limits(40_000_000, 1 << 30), ByteBudget(1 << 30))

@@ -1,6 +1,6 @@
 """ONNX Runtime on the CPU: the default backend and the reference the GPU backend is checked against.
 
-It runs the same engine graph TensorRT builds from (``worker.graph``): uint8 pixels in, the
+It runs the same engine graph TensorRT builds from (``worker.compute.graph``): uint8 pixels in, the
 normalisation inside the graph.
 """
 
@@ -11,9 +11,9 @@ from collections.abc import Sequence
 import onnxruntime as ort
 
 from worker.backends.base import Backend, Compressed, HostLane, Lane, Outputs
-from worker.buckets import BucketSpec
-from worker.errors import BackendError, EngineLoadError
-from worker.graph import ENGINE_INPUT, engine_graph
+from worker.compute.graph import ENGINE_INPUT, engine_graph
+from worker.core.buckets import BucketSpec
+from worker.core.errors import BackendError, EngineLoadError
 
 
 class OnnxRuntimeLane(HostLane):

@@ -30,15 +30,15 @@ from typing import Any
 import numpy as np
 
 from worker.backends.base import Backend, Compressed, HostBlock, Lane, Outputs, Pixels
-from worker.buckets import BucketSpec, ModelSpec
-from worker.errors import (
+from worker.compute.graph import output_capacity
+from worker.core.buckets import BucketSpec, ModelSpec
+from worker.core.errors import (
     BackendError,
     EngineLoadError,
     InternalError,
     ShapeOutOfProfileError,
     WorkerError,
 )
-from worker.graph import output_capacity
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import tensorrt as trt
 
-from worker.errors import UnsupportedFeatureError
+from worker.core.errors import UnsupportedFeatureError
 
 VERSION = trt.__version__
 MAJOR = int(VERSION.split(".")[0])

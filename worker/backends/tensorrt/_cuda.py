@@ -18,7 +18,7 @@ try:  # cuda-python >= 12.6 / cuda-bindings
 except ImportError:  # older cuda-python 12.x
     from cuda import cuda as cu
 
-from worker.errors import BackendError, EngineLoadError
+from worker.core.errors import BackendError, EngineLoadError
 
 logger = logging.getLogger(__name__)
 

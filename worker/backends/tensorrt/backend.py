@@ -13,8 +13,8 @@ from worker.backends.tensorrt.build import plan_for
 from worker.backends.tensorrt.engine import check_profiles, deserialize
 from worker.backends.tensorrt.jpeg_decoder import load_nvimgcodec
 from worker.backends.tensorrt.lane import TensorRTLane
-from worker.buckets import BucketSpec
-from worker.errors import EngineLoadError
+from worker.core.buckets import BucketSpec
+from worker.core.errors import EngineLoadError
 
 logger = logging.getLogger(__name__)
 

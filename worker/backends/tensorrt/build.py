@@ -1,6 +1,6 @@
 """Engine graph → serialized plan with one optimization profile per bucket, cached on disk.
 
-The plan is built from the engine graph (``worker.graph``: uint8 pixels in, normalisation inside).
+The plan is built from the engine graph (``worker.compute.graph``: uint8 pixels in, normalisation inside).
 The cache key covers everything that makes a plan valid: the engine graph's sha256 (so the model
 file, the preprocessing and the output type), the buckets, the TensorRT version, the GPU (name and
 compute capability) and the build options. A plan whose key or
@@ -26,10 +26,10 @@ import tensorrt as trt
 from worker.backends.tensorrt import _compat
 from worker.backends.tensorrt._cuda import Device
 from worker.backends.tensorrt._logger import trt_logger
-from worker.buckets import ModelSpec
-from worker.errors import ConfigError, EngineLoadError
-from worker.graph import ENGINE_INPUT, engine_graph
-from worker.settings import TensorRTSettings
+from worker.compute.graph import ENGINE_INPUT, engine_graph
+from worker.core.buckets import ModelSpec
+from worker.core.errors import ConfigError, EngineLoadError
+from worker.core.settings import TensorRTSettings
 
 logger = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 15.0

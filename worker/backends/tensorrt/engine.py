@@ -10,9 +10,9 @@ import numpy as np
 import tensorrt as trt
 
 from worker.backends.tensorrt._logger import trt_logger
-from worker.buckets import ModelSpec
-from worker.errors import EngineLoadError
-from worker.graph import ENGINE_INPUT
+from worker.compute.graph import ENGINE_INPUT
+from worker.core.buckets import ModelSpec
+from worker.core.errors import EngineLoadError
 
 
 @dataclass(frozen=True)

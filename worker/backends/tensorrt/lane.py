@@ -28,9 +28,9 @@ from worker.backends.tensorrt._cuda import (
 from worker.backends.tensorrt._logger import trt_logger
 from worker.backends.tensorrt.engine import TensorInfo, io_tensors
 from worker.backends.tensorrt.jpeg_decoder import DeviceJpegDecoder
-from worker.buckets import BucketSpec, ModelSpec
-from worker.errors import BackendError, EngineLoadError, ShapeOutOfProfileError
-from worker.graph import ENGINE_INPUT
+from worker.compute.graph import ENGINE_INPUT
+from worker.core.buckets import BucketSpec, ModelSpec
+from worker.core.errors import BackendError, EngineLoadError, ShapeOutOfProfileError
 
 #: where an output goes: its host address, given the output and its shape for this batch
 Destination = Callable[[TensorInfo, tuple[int, ...]], int]

@@ -17,10 +17,10 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from worker.errors import ConfigError
+from worker.core.errors import ConfigError
 
 #: model specs shipped inside the package, so an installed wheel runs with no checkout around it
-PACKAGED_SPECS = Path(__file__).resolve().parent / "specs"
+PACKAGED_SPECS = Path(__file__).resolve().parent.parent / "specs"
 DEFAULT_SPEC = PACKAGED_SPECS / "ppocr_det.yaml"
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 
@@ -72,7 +72,6 @@ class RedisSettings(_Section):
     max_deliveries: Annotated[int, Field(ge=1)] = 3
     retry_backoff_s: Annotated[float, Field(ge=0)] = 2.0
     result_ttl_s: Annotated[int, Field(ge=1)] = 3600
-    read_count: Annotated[int, Field(ge=1)] = 64
     #: reads a worker keeps on the wire at once, sharing its in-flight window: a server sends a
     #: large reply 64 KB per turn of its event loop, so on a busy server one read at a time caps
     #: a worker's intake (two H200s on a cluster: 70 ms a read; 4 gave 17-27% more,

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from worker.errors import InvalidJobError
+from worker.core.errors import InvalidJobError
 
 PROTOCOL_VERSION = 1
 PRIORITIES = (0, 1, 2)  # 0 high, 1 normal (default), 2 low: one stream each

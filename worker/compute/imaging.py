@@ -29,9 +29,9 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image, UnidentifiedImageError
 
-from worker import jpeg
-from worker.buckets import BucketSpec, ModelSpec, downscale_to_fit, select_bucket
-from worker.errors import DecodeError, ImageTooLargeError, InternalError, NoBucketError
+from worker.compute import jpeg
+from worker.core.buckets import BucketSpec, ModelSpec, downscale_to_fit, select_bucket
+from worker.core.errors import DecodeError, ImageTooLargeError, InternalError, NoBucketError
 
 cv2.setNumThreads(1)  # parallelism comes from the decode pool, not from inside each call
 Image.MAX_IMAGE_PIXELS = None  # our own limits apply, from the header, before Pillow decodes anything

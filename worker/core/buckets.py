@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from worker.errors import ConfigError, NoBucketError
+from worker.core.errors import ConfigError, NoBucketError
 
 #: (batch, height, width); channels are fixed by the model spec.
 Shape3 = tuple[int, int, int]
@@ -83,7 +83,7 @@ class PreprocessSpec(_Frozen):
     """``(pixel * scale - mean) / std`` per channel, in the model's channel order (``color``).
 
     The worker feeds the engine uint8 BGR pixels, NHWC; this normalisation, the channel order and
-    the transpose to NCHW run inside the engine (see ``worker.graph``).
+    the transpose to NCHW run inside the engine (see ``worker.compute.graph``).
     """
 
     color: Literal["bgr", "rgb"] = "bgr"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, replace
 
-from worker.errors import DecodeError
+from worker.core.errors import DecodeError
 
 #: start-of-frame markers: baseline, extended, progressive, lossless; 0xC9.. arithmetic-coded
 _SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})

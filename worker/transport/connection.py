@@ -6,10 +6,12 @@ ConfigError (fatal, exit 2: retrying cannot fix it); anything else is a BrokerEr
 
 from __future__ import annotations
 
+import asyncio
 import ssl
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
@@ -28,14 +30,61 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from worker.errors import BrokerError, ConfigError, RedisRefusedError
-from worker.protocol import Keys
-from worker.settings import RedisSettings
+from worker.core.errors import BrokerError, ConfigError, RedisRefusedError
+from worker.core.logs import Outage
+from worker.core.protocol import Keys
+from worker.core.settings import RedisSettings
 
 _FATAL = (AuthenticationError, AuthorizationError, NoPermissionError)
 #: how long a readiness probe waits for Redis's answer: a worker is not ready a second or two after
 #: Redis stops answering (frozen, partitioned), not after the retries of ordinary calls (~40 s)
 PROBE_TIMEOUT_S = 1.5
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """The one retry policy above redis-py's own (which retries a single command a few times): how
+    long to wait before trying a call again after a BrokerError (Redis away, a timeout, a failover)."""
+
+    first_s: float
+    cap_s: float
+
+    def delays(self) -> Iterator[float]:
+        delay = self.first_s
+        while True:
+            yield delay
+            delay = min(delay * 2, self.cap_s)
+
+
+#: the worker's calls: every half second until Redis answers or the worker stops; never given up,
+#: since the worker holds entries that only Redis can take back
+WORKER_BACKOFF = Backoff(0.5, 0.5)
+#: a producer's calls: from 50 ms, doubling up to 1 s, until its caller's deadline
+PRODUCER_BACKOFF = Backoff(0.05, 1.0)
+
+
+async def until_answered(
+    call: Callable[[], Awaitable[T]],
+    outage: Outage,
+    *,
+    pause: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+    stopped: Callable[[], bool] = lambda: False,
+) -> tuple[bool, T | None]:
+    """``call`` under WORKER_BACKOFF: (True, its result) once Redis takes it, (False, None) once
+    ``stopped``. The outage is logged once when it starts and once when it ends."""
+    for delay in WORKER_BACKOFF.delays():
+        if stopped():
+            break
+        try:
+            result = await call()
+        except BrokerError as exc:
+            outage.failed(exc)
+            await pause(delay)
+            continue
+        outage.recovered()
+        return True, result
+    return False, None
 
 
 def redact(url: str) -> str:

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from worker.protocol import Delivery
+from worker.core.protocol import Delivery
 
 
 class Inflight:

@@ -19,8 +19,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from worker.buckets import BucketSpec, ModelSpec
-from worker.errors import EngineLoadError
+from worker.core.buckets import BucketSpec, ModelSpec
+from worker.core.errors import EngineLoadError
 
 ENGINE_INPUT = "image"
 _PREFIX = "imgworker_pre_"

@@ -19,7 +19,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from worker.buckets import BucketSpec
+from worker.core.buckets import BucketSpec
 
 T = TypeVar("T")
 Shape = tuple[int, int]

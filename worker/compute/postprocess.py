@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from worker.buckets import PostprocessSpec
+from worker.core.buckets import PostprocessSpec
 
 ProbMap = npt.NDArray[np.float32] | npt.NDArray[np.uint8]
 Points = npt.NDArray[np.float32]

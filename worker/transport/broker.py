@@ -24,8 +24,7 @@ from typing import Any
 
 from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
-from worker.connection import PROBE_TIMEOUT_S, broker_error, connect, keys_for, mapped
-from worker.protocol import (
+from worker.core.protocol import (
     CHARGE_SCRIPT,
     ENSURE_GROUP_SCRIPT,
     FORGET_CONSUMER_SCRIPT,
@@ -39,7 +38,8 @@ from worker.protocol import (
     Delivery,
     Settlement,
 )
-from worker.settings import RedisSettings
+from worker.core.settings import RedisSettings
+from worker.transport.connection import PROBE_TIMEOUT_S, broker_error, connect, keys_for, mapped
 
 logger = logging.getLogger(__name__)
 

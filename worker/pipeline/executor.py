@@ -19,13 +19,13 @@ from typing import Any
 import numpy.typing as npt
 
 from worker.backends.base import Backend, Lane
-from worker.buckets import BucketSpec, ModelSpec
-from worker.errors import BackendError, DecodeError, JobExpiredError, TransientError
-from worker.graph import engine_output
-from worker.imaging import Prepared, assemble
-from worker.metrics import Metrics
-from worker.postprocess import text_boxes
-from worker.protocol import Delivery, JobRequest, JobResult, Settlement, now_ms
+from worker.compute.graph import engine_output
+from worker.compute.imaging import Prepared, assemble
+from worker.compute.postprocess import text_boxes
+from worker.core.buckets import BucketSpec, ModelSpec
+from worker.core.errors import BackendError, DecodeError, JobExpiredError, TransientError
+from worker.core.metrics import Metrics
+from worker.core.protocol import Delivery, JobRequest, JobResult, Settlement, now_ms
 
 logger = logging.getLogger(__name__)
 

@@ -12,15 +12,15 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
-from worker.broker import Broker
-from worker.errors import BrokerError, WorkerError
-from worker.inflight import Inflight
-from worker.logs import Outage
-from worker.metrics import Metrics
-from worker.protocol import FOREIGN_RESULT_KEY, Delivery, Settlement
+from worker.core.errors import BrokerError, WorkerError
+from worker.core.logs import Outage
+from worker.core.metrics import Metrics
+from worker.core.protocol import FOREIGN_RESULT_KEY, Delivery, Settlement
+from worker.pipeline.inflight import Inflight
+from worker.transport.broker import Broker
+from worker.transport.connection import until_answered
 
 logger = logging.getLogger(__name__)
-BROKER_RETRY_S = 0.5
 T = TypeVar("T")
 
 
@@ -33,17 +33,9 @@ class Settler:
         self._outages = {what: Outage(logger, what) for what in ("settle", "charging attempts")}
 
     async def _until_done(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
-        """``call`` retried until Redis takes it, logged once when it starts failing and once when
-        it works again."""
-        while True:
-            try:
-                result = await asyncio.shield(call())
-            except BrokerError as exc:
-                self._outages[what].failed(exc)
-                await asyncio.sleep(BROKER_RETRY_S)
-                continue
-            self._outages[what].recovered()
-            return result
+        """``call`` until Redis takes it, never cancelled halfway (shielded)."""
+        _, result = await until_answered(lambda: asyncio.shield(call()), self._outages[what])
+        return result  # type: ignore[return-value]  # never stopped: None only after a stop
 
     async def settle(self, settlements: Sequence[Settlement], dead: bool = False) -> None:
         """Store results and acknowledge them in one round trip (dead letters copied first)."""
@@ -97,3 +89,30 @@ class Settler:
         except BrokerError as exc:
             logger.warning("could not hand back %d entries (they stay pending for others): %s", len(deliveries), exc)
         self.inflight.release(list(deliveries))
+
+
+class Marks:
+    """Which held entries are running and which only wait, as Redis must know it to charge a death
+    fairly: decoded entries queue here, and each batch marks itself running and them waiting in one
+    round trip before it takes its lane. If Redis does not answer, the batch runs unmarked (a death
+    then charges nothing for it) rather than wait: settling will wait for Redis anyway."""
+
+    def __init__(self, broker: Broker, metrics: Metrics) -> None:
+        self._broker = broker
+        self._metrics = metrics
+        self._waiting: list[Delivery] = []
+        self._marking = asyncio.Lock()
+
+    def waiting(self, delivery: Delivery) -> None:
+        self._waiting.append(delivery)
+
+    async def running(self, deliveries: list[Delivery]) -> None:
+        started = time.perf_counter()
+        async with self._marking:  # in order: a later batch's marks must not land before an earlier one's
+            waiting, self._waiting = self._waiting, []
+            try:
+                await self._broker.mark(running=deliveries, waiting=waiting)
+                self._metrics.mark.observe(time.perf_counter() - started)
+            except BrokerError as exc:
+                logger.debug("could not mark a batch running: %s", exc)
+                self._waiting = waiting + self._waiting

@@ -1,0 +1,1 @@
+"""Redis, the worker's side and the connections both sides share. Knows no backend."""
