@@ -452,6 +452,30 @@ class JobResult:
     def failure(cls, job_id: str, code: str, message: str) -> JobResult:
         return cls(job_id=job_id, status="error", code=code, message=message)
 
+    @classmethod
+    def success(
+        cls,
+        job_id: str,
+        *,
+        boxes: list[dict[str, Any]],
+        image: tuple[int, int],
+        model_input: tuple[int, int, int, int],
+        run: dict[str, Any],
+        tensors: dict[str, npt.NDArray[Any]],
+    ) -> JobResult:
+        """The whole body of a result, built here only (docs/protocol.md lists its fields).
+        ``image``: the original (height, width); ``model_input``: (height, width, padded height,
+        padded width); ``run``: bucket, batch_size, model, deliveries, attempts, timings_ms,
+        finished_ms, worker."""
+        height, width, padded_height, padded_width = model_input
+        body = {
+            "boxes": boxes,
+            "image": {"height": image[0], "width": image[1]},
+            "input": {"height": height, "width": width, "padded_height": padded_height, "padded_width": padded_width},
+            **run,
+        }
+        return cls(job_id=job_id, status="ok", result=body, tensors=tensors)
+
     def document(self) -> dict[str, Any]:
         """The JSON document stored in the hash field ``json``."""
         return {

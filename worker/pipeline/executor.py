@@ -227,15 +227,7 @@ class BucketExecutor:
         finished_ms = now_ms()
         if job.request.enqueued_ms:
             job.timings_ms["total"] = float(max(finished_ms - job.request.enqueued_ms, 0))
-        body = {
-            "boxes": boxes,
-            "image": {"height": p.original_height, "width": p.original_width},
-            "input": {
-                "height": p.height,
-                "width": p.width,
-                "padded_height": p.padded_height,
-                "padded_width": p.padded_width,
-            },
+        run = {
             "bucket": self.bucket.id,
             "batch_size": item.batch_size,
             "model": self.spec.name,
@@ -245,6 +237,12 @@ class BucketExecutor:
             "finished_ms": finished_ms,
             "worker": self.worker,
         }
-        tensors = item.outputs if job.request.want_tensors else {}
-        result = JobResult(job.request.job_id, "ok", result=body, tensors=tensors)
+        result = JobResult.success(
+            job.request.job_id,
+            boxes=boxes,
+            image=(p.original_height, p.original_width),
+            model_input=(p.height, p.width, p.padded_height, p.padded_width),
+            run=run,
+            tensors=item.outputs if job.request.want_tensors else {},
+        )
         return result.settlement(job.delivery, self.bucket.id, job.request.enqueued_ms)
