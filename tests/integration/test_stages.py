@@ -1,5 +1,6 @@
-"""The intake stage in process, against a real redis-server: its rules, each seen from outside the
-Service (a recording admission stands in for decoding; Redis, the broker and the window are real)."""
+"""Stages in process, against a real redis-server, outside the Service: intake's rules (a recording
+admission stands in for decoding; Redis, the broker and the window are real) and health's
+watchdog (an injected clock)."""
 
 from __future__ import annotations
 
@@ -103,3 +104,38 @@ async def test_a_reclaim_that_fills_its_room_goes_first_again(redis_url: str, ph
     assert all(d.deliveries == 2 for d in taken), "both turns reclaimed; no new entry was read"
     assert not broker.sent
     assert {d.fields[b"id"].decode() for d in taken} <= set(left_ids)
+
+
+async def test_the_watchdog_stops_a_wedged_pipeline_with_exit_status_1(redis_url: str) -> None:
+    """An entry held past stall_s (an injected clock moves time) means a wedge: not ready, stopped at
+    once with nothing to drain, exit status 1, and the stuck entry kept for leaving as a death."""
+    from worker.backends import open_backend
+    from worker.core.buckets import load_model_spec
+    from worker.pipeline.health import Health
+
+    settings = settings_for(redis_url, pipeline={"stall_s": 10})
+    spec = load_model_spec(settings.model_spec)
+    backend = await asyncio.to_thread(open_backend, spec, settings.onnx_path(spec.onnx), settings.backend)
+    now = [100.0]
+    inflight = Inflight(8, 1 << 20, clock=lambda: now[0])
+    lifecycle = Lifecycle(settings.shutdown_grace_s)
+    broker = Broker(settings.redis)
+    health = Health(lifecycle, broker, backend, inflight, Metrics(), lease_s=2, stall_s=10)
+    health.warm = health.redis_ok = True
+    entry = Delivery("imgworker:jobs:1", "1-0", {b"id": b"job"}, 1)
+    inflight.hold(entry)
+    try:
+        async with asyncio.TaskGroup() as group:
+            lifecycle.bind(group)
+            health.spawn_loops()
+            await asyncio.sleep(0.05)
+            assert health.ready() and not lifecycle.stopping
+            now[0] += 11
+            async with asyncio.timeout(5):
+                while not lifecycle.stopping:
+                    await asyncio.sleep(0.05)
+    finally:
+        await broker.aclose()
+        backend.close()
+    assert health.wedged and not health.ready() and health.stuck == [entry]
+    assert lifecycle.exit_code == 1 and lifecycle.deadline <= time.monotonic()
