@@ -25,7 +25,8 @@ logger = logging.getLogger(__name__)
 #: threads of each decoder's own pool (header parsing, the CUDA backend's Huffman decoding): the
 #: hardware engines do the rest, and a server has a decoder per lane
 DECODER_THREADS = 2
-#: interpolated chroma upsampling, as libjpeg's default; nvImageCodec's Python default is off
+#: interpolated chroma upsampling, as libjpeg does: nvImageCodec 0.9's nvJPEG default, named so that
+#: a release with another default does not change the pixels
 DECODER_OPTIONS = ":fancy_upsampling=1"
 
 
@@ -75,9 +76,8 @@ class DeviceJpegDecoder:
         pitch = width * channels
         failed: set[int] = set()
         streams = [self._nv.CodeStream(bytes(data)) for _, data, _, _ in items]
+        # None where an image could not be decoded (nvImageCodec >= 0.9)
         images = self._decoder.decode(streams, params=self._params, cuda_stream=self._stream.address)
-        if len(images) != len(items):  # nvImageCodec drops the images it failed: find which by shape
-            images = self._one_by_one(items, streams)
         for (slot, _, h, w), image in zip(items, images, strict=True):
             target = base + slot * slot_bytes
             fill_at(target, self._pad_value, slot_bytes, self._stream)
@@ -89,11 +89,6 @@ class DeviceJpegDecoder:
             copy_rows((target, pitch), (interface["data"][0], source_pitch), w * channels, h, self._stream)
         self._in_use = images
         return failed
-
-    def _one_by_one(self, items: Sequence[Compressed], streams: list[Any]) -> list[Any]:
-        """Each image alone (after a batch in which one failed): None where it fails."""
-        self._stream.synchronize()
-        return [self._decoder.decode(s, params=self._params, cuda_stream=self._stream.address) for s in streams]
 
     def release(self) -> None:
         """After the lane's stream is synchronized: the decoded images are no longer read."""
