@@ -180,8 +180,8 @@ class AsyncClient:
     async def _retrying(self, what: str, call: Callable[[], Awaitable[T]], deadline: float | None) -> T:
         """Retry ``call`` on connection errors with backoff until ``deadline`` (monotonic; None:
         forever), or ``connect_timeout_s`` while Redis was never reached; a refusal is not retried."""
-        started = time.monotonic()
-        for delay in PRODUCER_BACKOFF.delays():
+        started, delays = time.monotonic(), PRODUCER_BACKOFF.delays()
+        while True:
             try:
                 with mapped(what, self.url):
                     result = await call()
@@ -193,10 +193,10 @@ class AsyncClient:
             except BrokerError as exc:
                 if unreachable := self._unreachable(started, exc):
                     raise unreachable from exc
+                delay = next(delays)
                 if deadline is not None and time.monotonic() + delay > deadline:
                     raise
                 await asyncio.sleep(delay)
-        raise AssertionError("unreachable: the delays never end")
 
     def _request(
         self,

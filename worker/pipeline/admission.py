@@ -73,7 +73,7 @@ class Admission:
                     raise ImageTooLargeError(f"image is {len(request.image)} bytes, the limit is {limit}")
                 accepted.append((delivery, request, queue_ms))
             except JobError as exc:
-                failures.append(failure(delivery, request, exc.code, str(exc)))
+                failures.append(_failure(delivery, request, exc.code, str(exc)))
         if failures:
             self._lifecycle.spawn(self._settler.settle(failures))
         size = max(1, min(MAX_CHUNK, -(-len(accepted) // self._settings.decode_threads)))
@@ -88,11 +88,11 @@ class Admission:
         failures, left = [], []
         for (delivery, request, queue_ms), (wait_s, prepared) in zip(chunk, outcomes, strict=True):
             if isinstance(prepared, JobError):
-                failures.append(failure(delivery, request, prepared.code, str(prepared)))
+                failures.append(_failure(delivery, request, prepared.code, str(prepared)))
                 continue
             if isinstance(prepared, BaseException):
                 logger.error("unexpected error preparing entry %s", delivery.key, exc_info=prepared)
-                failures.append(failure(delivery, request, "internal_error", "internal error preparing the image"))
+                failures.append(_failure(delivery, request, "internal_error", "internal error preparing the image"))
                 continue
             self._metrics.decode_wait.observe(wait_s)
             self._metrics.decode.observe(prepared.decode_s)
@@ -124,7 +124,7 @@ class Admission:
         return out
 
 
-def failure(delivery: Delivery, request: JobRequest | None, code: str, message: str) -> Settlement:
+def _failure(delivery: Delivery, request: JobRequest | None, code: str, message: str) -> Settlement:
     # An id that is missing, not UTF-8 or too long is never altered: the entry id stands in for it.
     job_id = request.job_id if request else valid_job_id(delivery.fields.get(b"id")) or delivery.entry_id
     enqueued_ms = request.enqueued_ms if request else 0

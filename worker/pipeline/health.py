@@ -105,8 +105,8 @@ class Health:
                 self.stuck = stuck
                 self._lifecycle.fail(
                     f"pipeline wedged: {len(stuck)} jobs held over stall_s {self._stall_s:.0f} s; exiting, "
-                    "they will run alone elsewhere"
+                    "they will run alone elsewhere",
+                    grace_s=0,  # nothing to drain into a wedged pipeline
                 )
-                self._lifecycle.stop(grace_s=0)  # nothing to drain into a wedged pipeline
                 return
             await self._lifecycle.pause(WATCHDOG_INTERVAL_S)

@@ -48,12 +48,12 @@ class Lifecycle:
         elif grace_s is not None:
             self.deadline = min(self.deadline, time.monotonic() + grace_s)
 
-    def fail(self, message: str) -> None:
+    def fail(self, message: str, grace_s: float | None = None) -> None:
         """A stage cannot go on: stop with exit status 1, so the worker is restarted."""
         if self.exit_code == 0:
             logger.error(message)
             self.exit_code = 1
-        self.stop()
+        self.stop(grace_s)
 
     async def unless_stopped(self, awaitable: Awaitable[T]) -> tuple[bool, T | None]:
         """(True, result) if it finished first, (False, None) if a stop came first (it is then cancelled)."""

@@ -1,5 +1,5 @@
 """The pipeline, composed: intake (what to hold next) → admission (parse, decode on the CPU pool)
-→ per-bucket batchers → one runner per lane (``executor``) → postprocess → settle (``settler``).
+→ per-bucket batchers → one runner per lane (``execution``) → postprocess → settle (``settler``).
 ``health`` watches it; ``lifecycle`` is the stop and the task group every stage spawns into.
 
 Every task runs in one TaskGroup: a task that dies takes the worker down with exit status 1, so it
@@ -38,7 +38,7 @@ class _Finished(Exception):  # noqa: N818 - a signal, not an error
 
 
 class Service:
-    """Owns the stages, the pools and the task group; signals and HTTP belong to ``worker.app``."""
+    """Owns the stages, the pools and the task group; signals and HTTP belong to ``worker.lifespan``."""
 
     def __init__(self, settings: Settings, spec: ModelSpec, backend: Backend, broker: Broker, metrics: Metrics) -> None:
         self.settings = settings

@@ -152,7 +152,7 @@ class Broker:
         strictly by priority (a lower stream is read only when the higher ones have none left);
         shards take turns. Returns at once, empty when nothing is queued."""
         shards = self.keys.shards
-        first, self._next_shard = self._next_shard, (self._next_shard + 1) % shards
+        first = self._take_turn()
         deliveries: list[Delivery] = []
         for shard in [(first + i) % shards for i in range(shards)]:
             left = nbytes - sum(d.nbytes for d in deliveries)
@@ -165,12 +165,15 @@ class Broker:
         """Block up to block_ms for the next entry of any priority, marked running: one entry of
         each stream at most (a blocking read cannot run in a script, and on a cluster cannot span
         slots, so it cannot count bytes); ``read`` takes the rest."""
-        shards = self.keys.shards
-        first, self._next_shard = self._next_shard, (self._next_shard + 1) % shards
-        block_ms = max(self.settings.block_ms // shards, 10)
-        blocked = await self._read_group({s: ">" for s in self.keys.shard_streams(first)}, 1, block_ms)
+        block_ms = max(self.settings.block_ms // self.keys.shards, 10)
+        blocked = await self._read_group({s: ">" for s in self.keys.shard_streams(self._take_turn())}, 1, block_ms)
         await self.mark(running=blocked)
         return sorted(blocked, key=lambda d: self.keys.priority_of(d.stream))
+
+    def _take_turn(self) -> int:
+        """The shard a read starts with: shards take turns."""
+        first, self._next_shard = self._next_shard, (self._next_shard + 1) % self.keys.shards
+        return first
 
     async def _read_shard(self, shard: int, count: int, nbytes: int, largest: int) -> list[Delivery]:
         streams = self.keys.shard_streams(shard)
