@@ -52,7 +52,7 @@ async def _results(
         registry = running.metrics.registry
         paths = {
             path: registry.get_sample_value("imgworker_decode_path_total", {"path": path, "format": "jpeg"}) or 0.0
-            for path in ("gpu", "cpu")
+            for path in ("gpu_hw", "cpu")
         }
     return results, paths
 
@@ -65,8 +65,8 @@ async def test_jpegs_the_device_decodes_give_the_cpu_paths_boxes(
     device, device_paths = await _results(
         redis_url, spec, DecodingOrtBackend(spec, onnx_path, BackendSettings()), inputs
     )
-    assert device_paths == {"gpu": 11, "cpu": 0}  # the photos and the corrupt one (the PNG is not a JPEG)
-    assert cpu_paths == {"gpu": 0, "cpu": 10}  # the corrupt JPEG fails in the CPU's decode: never counted
+    assert device_paths == {"gpu_hw": 11, "cpu": 0}  # the photos and the corrupt one (the PNG is not a JPEG)
+    assert cpu_paths == {"gpu_hw": 0, "cpu": 10}  # the corrupt JPEG fails in the CPU's decode: never counted
     for name in inputs:
         if name == "corrupt":
             assert (cpu[name].code, device[name].code) == ("decode_error", "decode_error"), device[name].message
@@ -92,7 +92,7 @@ def test_the_engine_server_decodes_what_a_remote_lane_leaves_compressed(
         remote = RemoteBackend(spec, onnx_path, settings)
         remote.open()
         try:
-            assert remote.decodes_jpeg and remote.describe()["jpeg_decode"] == "gpu"
+            assert remote.decodes_jpeg and remote.describe()["jpeg_decode"] == "gpu_hw"
             bucket = prepared[0].bucket
             (lane,) = remote.lanes(bucket.id)[:1]
             n, h, w = len(names), prepared[0].padded_height, prepared[0].padded_width

@@ -35,11 +35,11 @@ class DecodingOrtBackend(OnnxRuntimeBackend):
     kind = "decoding-ort"
 
     @property
-    def decodes_jpeg(self) -> bool:
-        return True
+    def jpeg_decode(self) -> str:
+        return "gpu_hw"
 
     def describe(self) -> dict[str, str]:
-        return {**super().describe(), "jpeg_decode": "gpu"}
+        return {**super().describe(), "jpeg_decode": self.jpeg_decode}
 
     def _make_lanes(self, bucket: BucketSpec, profile: int) -> list[Lane]:
         return [_DecodingLane(bucket, self)]

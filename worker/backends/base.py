@@ -186,9 +186,15 @@ class Backend(abc.ABC):
         return {"kind": self.kind}
 
     @property
+    def jpeg_decode(self) -> str:
+        """What decodes the JPEGs its lanes take compressed: ``gpu_hw`` (the device's JPEG engines),
+        ``gpu_cuda`` (CUDA kernels), or ``cpu`` when they take none (the pipeline decodes them)."""
+        return "cpu"
+
+    @property
     def decodes_jpeg(self) -> bool:
         """Whether its lanes take JPEGs (at their input size) for the device to decode."""
-        return False
+        return self.jpeg_decode != "cpu"
 
     def pin(self, block: HostBlock) -> None:  # noqa: B027 - only device backends copy from host memory
         """Make ``block`` directly usable by the device, where the backend can (sets ``block.pinned``)."""

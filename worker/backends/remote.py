@@ -251,8 +251,8 @@ class RemoteBackend(Backend):
         return [RemoteLane(bucket, self) for _ in range(self.settings.remote.lanes)]
 
     @property
-    def decodes_jpeg(self) -> bool:
-        return bool(getattr(self, "server", {}).get("jpeg_decode") == "gpu")
+    def jpeg_decode(self) -> str:
+        return str(getattr(self, "server", {}).get("jpeg_decode", "cpu"))
 
     def describe(self) -> dict[str, str]:
         return {**getattr(self, "server", {}), "kind": f"remote {getattr(self, 'server', {}).get('kind', '?')}"}

@@ -62,7 +62,8 @@ class Metrics:
         self.decode = hist("decode_seconds", "Decode, resize and route of one image on a decode thread")
         self.decode_paths = Counter(
             f"{PREFIX}_decode_path",
-            "Images by where they are decoded: gpu (the engine's device, JPEGs at their input size) or cpu",
+            "Images by where they are decoded: gpu_hw or gpu_cuda (the engine's device, JPEGs at their input "
+            "size: its JPEG engines, or CUDA where it has none) or cpu",
             ["path", "format"],
             registry=r,
         )

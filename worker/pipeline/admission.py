@@ -96,7 +96,8 @@ class Admission:
                 continue
             self._metrics.decode_wait.observe(wait_s)
             self._metrics.decode.observe(prepared.decode_s)
-            self._metrics.decode_paths.labels("gpu" if prepared.compressed else "cpu", prepared.format).inc()
+            path = self._backend.jpeg_decode if prepared.compressed else "cpu"
+            self._metrics.decode_paths.labels(path, prepared.format).inc()
             timings = {
                 "queue": queue_ms,
                 "decode_wait": round(wait_s * 1000, 2),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import tensorrt as trt
 
@@ -34,7 +35,9 @@ class TensorRTBackend(Backend):
             self.plan_path = plan_for(self.spec, self.onnx_path, settings, self.device, force=True)
             self.engine = deserialize(self.runtime, self.plan_path)
         check_profiles(self.engine, self.spec)
-        self.nvimgcodec = load_nvimgcodec(self.device, self.spec.preprocess.pad_value()) if settings.gpu_jpeg else None
+        codec = load_nvimgcodec(self.device, self.spec.preprocess.pad_value()) if settings.gpu_jpeg else None
+        self.nvimgcodec: Any = codec[0] if codec else None
+        self._jpeg_decode = codec[1] if codec else "cpu"
         logger.info(
             "TensorRT %s on %s (sm %s): %d buckets x %d contexts, each with its own stream",
             trt.__version__,
@@ -79,8 +82,8 @@ class TensorRTBackend(Backend):
         self.healthy = False
 
     @property
-    def decodes_jpeg(self) -> bool:
-        return getattr(self, "nvimgcodec", None) is not None
+    def jpeg_decode(self) -> str:
+        return getattr(self, "_jpeg_decode", "cpu")
 
     def _close(self) -> None:
         del self.engine
@@ -88,7 +91,7 @@ class TensorRTBackend(Backend):
         self.device.release()
 
     def describe(self) -> dict[str, str]:
-        info = {"kind": self.kind, "tensorrt": trt.__version__, "jpeg_decode": "gpu" if self.decodes_jpeg else "cpu"}
+        info = {"kind": self.kind, "tensorrt": trt.__version__, "jpeg_decode": self.jpeg_decode}
         if hasattr(self, "device"):
             info.update(device=self.device.name, compute_capability=self.device.compute_capability)
         if hasattr(self, "plan_path"):

@@ -58,7 +58,9 @@ class TensorRTLane(Lane):
             raise EngineLoadError(f"cannot create an execution context for bucket {bucket.id} (out of GPU memory?)")
         self.stream = Stream()
         self._jpeg = (
-            DeviceJpegDecoder(nvimgcodec, device, self.stream, spec.preprocess.pad_value()[0]) if nvimgcodec else None
+            DeviceJpegDecoder(nvimgcodec, device, self.stream, spec.preprocess.pad_value()[0], bucket.max)
+            if nvimgcodec
+            else None
         )
         self.decodes_jpeg = self._jpeg is not None
         if not self.context.set_optimization_profile_async(profile, self.stream.address):
@@ -174,8 +176,6 @@ class TensorRTLane(Lane):
                 nbytes = int(np.prod(out_shape)) * out.dtype.itemsize
                 copy_to_host(destination(out, out_shape), self.device_buffers[out.name], nbytes, self.stream)
         self.stream.synchronize()
-        if self._jpeg is not None:
-            self._jpeg.release()
 
     def time_execute(self, n: int, height: int, width: int) -> float:
         """Benchmarks only: GPU milliseconds of one execution (CUDA events), no copies."""
