@@ -16,10 +16,12 @@ from worker.compute.postprocess import text_boxes
 from worker.core.buckets import ModelSpec
 
 pytestmark = pytest.mark.gpu
-#: what a user sees must not change: every box scoring at least this from one decode has a
-#: counterpart of IoU >= BOX_IOU from the other (decoders differ by under a grey level on average,
-#: in chroma upsampling, which can move a box near the detector's 0.5 threshold)
-CLEAR_SCORE, BOX_IOU = 0.6, 0.9
+#: what a user sees must not change: every box scoring at least CLEAR_SCORE from one decode has a
+#: counterpart from the other (IoU >= FOUND_IOU: the same text is found). Outlines may move by a
+#: pixel: decoders that are not bit-exact with libjpeg's integer IDCT differ by about half a grey
+#: level, and small boxes then fall under IoU 0.9 (libjpeg-turbo's own fast IDCT does this to 11 of
+#: 254 such boxes on these photos, docs/measurements/notes.md); at most MOVED_SHARE of them may.
+CLEAR_SCORE, FOUND_IOU, SAME_IOU, MOVED_SHARE = 0.6, 0.5, 0.9, 0.05
 LIMITS, BUDGET = Limits(40_000_000, 1 << 30), ByteBudget(1 << 30)
 
 
@@ -50,10 +52,10 @@ def _run(lane: Any, spec: ModelSpec, prepared: list[Prepared]) -> tuple[np.ndarr
 def test_the_gpu_decode_finds_the_boxes_the_cpu_decode_finds(
     decoding: Any, small_spec: ModelSpec, photos: list[Path]
 ) -> None:
-    """Every real photo as a 512x384 JPEG, decoded by the GPU and by OpenCV, run alike: every box
-    scoring at least CLEAR_SCORE on one side has a counterpart of IoU >= 0.9 on the other."""
+    """Every real photo as a 512x384 JPEG, decoded by the GPU and by OpenCV, run alike: no clear box
+    is lost or added, and few move by more than IoU 0.9."""
     jpegs = _jpegs(photos)
-    clear = missing = weak_missing = 0
+    clear = moved = lost = 0
     for start in range(0, len(jpegs), 16):
         chunk = jpegs[start : start + 16]
         on_gpu = [prepare(j, small_spec, LIMITS, BUDGET, device_decodes_jpeg=True) for j in chunk]
@@ -64,21 +66,19 @@ def test_the_gpu_decode_finds_the_boxes_the_cpu_decode_finds(
         cpu_maps, _ = _run(lane, small_spec, on_cpu)
         assert not failed
         for i, p in enumerate(on_gpu):
-            boxes = [
+            gpu, cpu = (
                 text_boxes(maps[i, 0, : p.height, : p.width], small_spec.postprocess, p.height, p.width)
                 for maps in (gpu_maps, cpu_maps)
-            ]
-            clear += sum(1 for side in boxes for box in side if box["score"] >= CLEAR_SCORE)
-            missing += len(unmatched(boxes[0], boxes[1], BOX_IOU, CLEAR_SCORE))
-            missing += len(unmatched(boxes[1], boxes[0], BOX_IOU, CLEAR_SCORE))
-            weak_missing += len(unmatched(boxes[0], boxes[1], BOX_IOU, 0.5)) + len(
-                unmatched(boxes[1], boxes[0], BOX_IOU, 0.5)
             )
+            clear += sum(1 for side in (gpu, cpu) for box in side if box["score"] >= CLEAR_SCORE)
+            for one, other in ((gpu, cpu), (cpu, gpu)):
+                moved += len(unmatched(one, other, SAME_IOU, CLEAR_SCORE))
+                lost += len(unmatched(one, other, FOUND_IOU, CLEAR_SCORE))
     print(
-        f"{len(jpegs)} photos at 512x384: {clear} boxes scoring >= {CLEAR_SCORE} (both ways), {missing} without a "
-        f"counterpart of IoU >= {BOX_IOU}; counting every box (>= 0.5): {weak_missing} without one"
+        f"{len(jpegs)} photos at 512x384: {clear} boxes scoring >= {CLEAR_SCORE} (both ways); {moved} without a "
+        f"counterpart of IoU >= {SAME_IOU}, {lost} without one of IoU >= {FOUND_IOU}"
     )
-    assert clear > 50 and missing == 0
+    assert clear > 50 and lost == 0 and moved <= MOVED_SHARE * clear
 
 
 def test_a_corrupt_jpeg_fails_alone_in_its_batch(decoding: Any, small_spec: ModelSpec, photos: list[Path]) -> None:
@@ -93,16 +93,45 @@ def test_a_corrupt_jpeg_fails_alone_in_its_batch(decoding: Any, small_spec: Mode
     np.testing.assert_array_equal(maps[[0, 2]], alone)  # the neighbours ran as if it were not there
 
 
-def test_gpu_memory_stays_flat_over_repeated_decodes(decoding: Any, small_spec: ModelSpec, photos: list[Path]) -> None:
-    from worker.backends.tensorrt._cuda import free_device_memory
+def test_gpu_memory_stays_flat_over_200000_decodes_of_mixed_sizes(
+    decoding: Any, small_spec: ModelSpec, photos: list[Path]
+) -> None:
+    """A decoder writes into its pool, never a fresh allocation per batch: 200,000 real photos at
+    five sizes (most smaller than their slot), a corrupt JPEG in every tenth batch."""
+    from worker.backends.tensorrt._cuda import DeviceBuffer, Stream, free_device_memory
+    from worker.backends.tensorrt.jpeg_decoder import DeviceJpegDecoder
 
-    batch = [prepare(j, small_spec, LIMITS, BUDGET, device_decodes_jpeg=True) for j in _jpegs(photos[:16])]
-    lane = decoding.lanes(batch[0].bucket.id)[0]
-    for _ in range(20):
-        _run(lane, small_spec, batch)
-    before = free_device_memory()
-    for _ in range(500):
-        _run(lane, small_spec, batch)
-    grown = (before - free_device_memory()) / (1 << 20)
-    print(f"GPU memory over 500 batches of 16 decodes: {grown:+.1f} MiB")
-    assert grown < 64
+    sizes = [(512, 512), (512, 416), (448, 480), (480, 448), (416, 512)]
+    jpegs = [_jpegs(photos[k :: len(sizes)][:16], size) for k, size in enumerate(sizes)]
+    table = jpegs[0][1].index(b"\xff\xc4") + 5
+    corrupt = jpegs[0][1][:table] + b"\x05" + jpegs[0][1][table + 1 :]
+    n, height, width = decoding.spec.bucket("m512").max
+    decoding.device.bind()
+    target = DeviceBuffer(n * height * width * 3)
+    stream = Stream()
+    decoder = DeviceJpegDecoder(decoding.nvimgcodec, decoding.device, stream, 0, (n, height, width))
+
+    def batch(k: int) -> set[int]:
+        w, h = sizes[k % len(sizes)]
+        items = [(i, data, h, w) for i, data in enumerate(jpegs[k % len(sizes)][:n])]
+        if k % 10 == 9:
+            items[3] = (3, corrupt, 512, 512)
+        failed = decoder.decode_into(target.address, height, width, 3, items)
+        stream.synchronize()
+        return failed
+
+    try:
+        for k in range(100):
+            assert batch(k) == ({3} if k % 10 == 9 else set())
+        before = free_device_memory()
+        decoded = 0
+        for k in range(100, 100 + 200_000 // n):
+            batch(k)
+            decoded += n
+        grown = (before - free_device_memory()) / (1 << 20)
+    finally:
+        stream.synchronize()
+        target.free()
+        stream.destroy()
+    print(f"GPU memory over {decoded} decodes at {len(sizes)} sizes: {grown:+.1f} MiB")
+    assert decoded >= 200_000 and grown < 16
