@@ -111,7 +111,7 @@ def test_gpu_memory_stays_flat_over_200000_decodes_of_mixed_sizes(
     stream = Stream()
     decoder = DeviceJpegDecoder(decoding.nvimgcodec, decoding.device, stream, 0, (n, height, width))
 
-    def batch(k: int) -> set[int]:
+    def batch(decoder: DeviceJpegDecoder, k: int) -> set[int]:
         w, h = sizes[k % len(sizes)]
         items = [(i, data, h, w) for i, data in enumerate(jpegs[k % len(sizes)][:n])]
         if k % 10 == 9:
@@ -122,15 +122,16 @@ def test_gpu_memory_stays_flat_over_200000_decodes_of_mixed_sizes(
 
     try:
         for k in range(100):
-            assert batch(k) == ({3} if k % 10 == 9 else set())
+            assert batch(decoder, k) == ({3} if k % 10 == 9 else set())
         before = free_device_memory()
         decoded = 0
         for k in range(100, 100 + 200_000 // n):
-            batch(k)
+            batch(decoder, k)
             decoded += n
         grown = (before - free_device_memory()) / (1 << 20)
     finally:
         stream.synchronize()
+        del decoder  # its images free their memory on the stream they were decoded on: before it goes
         target.free()
         stream.destroy()
     print(f"GPU memory over {decoded} decodes at {len(sizes)} sizes: {grown:+.1f} MiB")

@@ -197,7 +197,7 @@ class TensorRTLane(Lane):
     def close(self) -> None:
         self.device.bind()
         self.stream.synchronize()
-        self._jpeg = None  # its decoder goes while the device context is still held
+        self._jpeg = None  # its images free their memory on this stream: before the stream goes
         for buffer in self.device_buffers.values():
             buffer.free()
         for pinned in self.host_buffers.values():
