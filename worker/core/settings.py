@@ -111,9 +111,10 @@ class TensorRTSettings(_Section):
     #: lane threads spin on their stream instead of sleeping until the GPU signals: a few
     #: microseconds less per batch, a busy core per waiting lane
     spin_wait: bool = False
-    #: JPEGs already at their input size decode on the GPU's JPEG engines (nvImageCodec): off until
-    #: its boxes are shown to match the CPU decode's (docs/performance.md says where that stands)
-    gpu_jpeg: bool = False
+    #: JPEGs already at their input size decode on the GPU's JPEG engines (nvImageCodec, in the
+    #: ``gpu`` extra), not on the host CPU: under half the CPU per image, the same boxes but for
+    #: outlines a pixel apart (docs/performance.md); without nvImageCodec the CPU decodes them
+    gpu_jpeg: bool = True
 
 
 class FakeSettings(_Section):
