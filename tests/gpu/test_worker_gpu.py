@@ -1,4 +1,4 @@
-"""The whole worker on the GPU: Redis, real photos, every job answered, boxes equal to the CPU path."""
+"""The whole worker on the GPU: Redis, real photos, every job answered, the CPU path's boxes."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import worker_env
 from tests.gpu.conftest import SMALL_SPEC
-from tests.support.boxes import CLEAR_SCORE, unmatched
+from tests.support.boxes import CLEAR_SCORE, FOUND_IOU, MOVED_SHARE, unmatched
 from tests.support.workers import run_jobs
 from worker.core.settings import Settings
 
@@ -35,11 +35,16 @@ def test_gpu_worker_answers_every_job_like_the_cpu_worker(
     on_gpu = _boxes(gpu_env, sample, "gpu")
     on_cpu = _boxes({**common, "IMGWORKER_BACKEND__KIND": "onnxruntime"}, sample, "cpu")
     assert len(on_gpu) == len(on_cpu) == len(sample)
-    # Batches form differently on the two runs; padding does not, so every clear box matches both ways.
-    clear = 0
+    # Batches form differently on the two runs; padding does not. JPEGs at their input size are
+    # decoded by the GPU (on by default), whose pixels differ from libjpeg's by IDCT rounding: no
+    # clear box may be lost, and few may move by a pixel (tests/support/boxes.py says why).
+    clear = moved = 0
     for name, gpu_boxes in on_gpu.items():
         cpu_boxes = on_cpu[name]
-        clear += sum(1 for box in cpu_boxes if box["score"] >= CLEAR_SCORE)
-        assert not unmatched(cpu_boxes, gpu_boxes, BOX_IOU, CLEAR_SCORE), name
-        assert not unmatched(gpu_boxes, cpu_boxes, BOX_IOU, CLEAR_SCORE), name
+        clear += sum(1 for side in (cpu_boxes, gpu_boxes) for box in side if box["score"] >= CLEAR_SCORE)
+        for one, other in ((cpu_boxes, gpu_boxes), (gpu_boxes, cpu_boxes)):
+            assert not unmatched(one, other, FOUND_IOU, CLEAR_SCORE), name
+            moved += len(unmatched(one, other, BOX_IOU, CLEAR_SCORE))
+    print(f"{len(sample)} photos: {clear} clear boxes (both ways), {moved} without a counterpart of IoU >= {BOX_IOU}")
     assert clear > 20  # the sample has real things to find
+    assert moved <= MOVED_SHARE * clear
