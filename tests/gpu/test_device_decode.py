@@ -9,16 +9,16 @@ import cv2
 import numpy as np
 import pytest
 
-from tests.support.boxes import FOUND_IOU, MOVED_SHARE, unmatched
+from tests.support.boxes import DECODED_CLEAR_SCORE, FOUND_IOU, MOVED_SHARE, unmatched
 from worker.compute.graph import engine_output
 from worker.compute.imaging import ByteBudget, Limits, Prepared, assemble, prepare
 from worker.compute.postprocess import text_boxes
 from worker.core.buckets import ModelSpec
 
 pytestmark = pytest.mark.gpu
-#: what a user sees must not change: boxes scoring at least CLEAR_SCORE from one decode have a
-#: counterpart from the other (FOUND_IOU, MOVED_SHARE: tests/support/boxes.py)
-CLEAR_SCORE, SAME_IOU = 0.6, 0.9
+#: what a user sees must not change: clear boxes from one decode have a counterpart from the other
+#: (the thresholds: tests/support/boxes.py)
+CLEAR_SCORE, SAME_IOU = DECODED_CLEAR_SCORE, 0.9
 LIMITS, BUDGET = Limits(40_000_000, 1 << 30), ByteBudget(1 << 30)
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import worker_env
 from tests.gpu.conftest import SMALL_SPEC
-from tests.support.boxes import CLEAR_SCORE, FOUND_IOU, MOVED_SHARE, unmatched
+from tests.support.boxes import DECODED_CLEAR_SCORE, FOUND_IOU, MOVED_SHARE, unmatched
 from tests.support.workers import run_jobs
 from worker.core.settings import Settings
 
@@ -41,10 +41,10 @@ def test_gpu_worker_answers_every_job_like_the_cpu_worker(
     clear = moved = 0
     for name, gpu_boxes in on_gpu.items():
         cpu_boxes = on_cpu[name]
-        clear += sum(1 for side in (cpu_boxes, gpu_boxes) for box in side if box["score"] >= CLEAR_SCORE)
+        clear += sum(1 for side in (cpu_boxes, gpu_boxes) for box in side if box["score"] >= DECODED_CLEAR_SCORE)
         for one, other in ((cpu_boxes, gpu_boxes), (gpu_boxes, cpu_boxes)):
-            assert not unmatched(one, other, FOUND_IOU, CLEAR_SCORE), name
-            moved += len(unmatched(one, other, BOX_IOU, CLEAR_SCORE))
+            assert not unmatched(one, other, FOUND_IOU, DECODED_CLEAR_SCORE), name
+            moved += len(unmatched(one, other, BOX_IOU, DECODED_CLEAR_SCORE))
     print(f"{len(sample)} photos: {clear} clear boxes (both ways), {moved} without a counterpart of IoU >= {BOX_IOU}")
     assert clear > 20  # the sample has real things to find
     assert moved <= MOVED_SHARE * clear
