@@ -17,7 +17,7 @@ from worker.core.protocol import Delivery, Keys
 from worker.pipeline.inflight import Inflight
 from worker.pipeline.intake import Intake
 from worker.pipeline.lifecycle import Lifecycle
-from worker.pipeline.settler import Settler
+from worker.pipeline.settler import Marks, Settler
 from worker.transport.broker import Broker
 
 KEYS = Keys()
@@ -53,7 +53,7 @@ def _intake(redis_url: str, capacity: int, **redis_settings: object) -> tuple[In
     metrics = Metrics()
     intake = Intake(
         settings=settings, broker=broker, inflight=inflight, settler=Settler(broker, inflight, metrics),
-        admission=admitted,  # type: ignore[arg-type]
+        marks=Marks(broker, metrics), admission=admitted,  # type: ignore[arg-type]
         metrics=metrics, lifecycle=Lifecycle(settings.shutdown_grace_s),
     )  # fmt: skip
     return intake, broker, admitted

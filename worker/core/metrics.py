@@ -72,7 +72,9 @@ class Metrics:
         self.postprocess = hist("postprocess_seconds", "Boxes and result documents of one batch", ("bucket",))
         self.settle = hist("settle_seconds", "One settle round trip to Redis (results stored and acked)")
         self.read = hist("read_seconds", "One read from the streams (a blocking wait on an empty queue included)")
-        self.mark = hist("mark_seconds", "A batch's wait to be marked running before it takes its lane (a round trip)")
+        self.mark = hist(
+            "mark_seconds", "A wait to mark entries running: a batch's before it takes its lane, reclaimed ones'"
+        )
         self.window_full = Counter(
             f"{PREFIX}_window_full_seconds",
             "Time the intake waited for room in the in-flight window: near 1 per second, jobs in hand "

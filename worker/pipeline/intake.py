@@ -26,7 +26,7 @@ from worker.core.settings import Settings
 from worker.pipeline.admission import Admission
 from worker.pipeline.inflight import Inflight
 from worker.pipeline.lifecycle import Lifecycle
-from worker.pipeline.settler import Settler
+from worker.pipeline.settler import Marks, Settler
 from worker.transport.broker import Broker
 from worker.transport.connection import WORKER_BACKOFF
 
@@ -41,6 +41,7 @@ class Intake:
         broker: Broker,
         inflight: Inflight,
         settler: Settler,
+        marks: Marks,
         admission: Admission,
         metrics: Metrics,
         lifecycle: Lifecycle,
@@ -50,6 +51,7 @@ class Intake:
         self._broker = broker
         self._inflight = inflight
         self._settler = settler
+        self._marks = marks
         self._admission = admission
         self._metrics = metrics
         self._lifecycle = lifecycle
@@ -163,7 +165,8 @@ class Intake:
         for delivery in ordinary:
             self._inflight.hold(delivery)
         self._queued_suspects.update(d.key for d in suspects)  # claimed, not held: no reader may reclaim them
-        await self._mark_or_run_unmarked([d for d in ordinary if d.deliveries > 1])  # reclaimed: not marked yet
+        if reclaimed := [d for d in ordinary if d.deliveries > 1]:  # not marked by a read
+            await self._marks.running(reclaimed)
         self._admission.admit(ordinary)
         if suspects:
             # one reader's suspects at a time: two sets each waiting to be alone would wait forever
@@ -202,18 +205,10 @@ class Intake:
             if self._lifecycle.stopping:
                 await self._settler.leave([suspect])
                 return
-            await self._mark_or_run_unmarked([suspect])
+            await self._marks.running([suspect])
             self._metrics.isolated_runs.inc()
             self._admission.admit([suspect])
             await self._inflight.wait(lambda: len(self._inflight) == 0 or self._lifecycle.stopping)
-
-    async def _mark_or_run_unmarked(self, deliveries: list[Delivery]) -> None:
-        """Held entries marked running; if Redis does not answer they run unmarked (a death then
-        charges nothing), as a batch does: left held and never run, they would fill the window."""
-        try:
-            await self._broker.mark(running=deliveries)
-        except BrokerError as exc:
-            logger.debug("could not mark %d entries running: %s", len(deliveries), exc)
 
     async def _dead_letter(self, delivery: Delivery) -> None:
         job_id = valid_job_id(delivery.fields.get(b"id")) or delivery.entry_id

@@ -60,8 +60,8 @@ class Service:
             settler=self.settler, marks=marks, metrics=metrics, lifecycle=self.lifecycle, cpu_pool=self._cpu_pool,
         )  # fmt: skip
         self.intake = Intake(
-            settings=settings, broker=broker, inflight=self.inflight, settler=self.settler, admission=admission,
-            metrics=metrics, lifecycle=self.lifecycle,
+            settings=settings, broker=broker, inflight=self.inflight, settler=self.settler, marks=marks,
+            admission=admission, metrics=metrics, lifecycle=self.lifecycle,
         )  # fmt: skip
         self.health = Health(
             self.lifecycle, broker, backend, self.inflight, metrics,

@@ -94,8 +94,9 @@ class Settler:
 class Marks:
     """Which held entries are running and which only wait, as Redis must know it to charge a death
     fairly: decoded entries queue here, and each batch marks itself running and them waiting in one
-    round trip before it takes its lane. If Redis does not answer, the batch runs unmarked (a death
-    then charges nothing for it) rather than wait: settling will wait for Redis anyway."""
+    round trip before it takes its lane (as do reclaimed entries and suspects when they are held).
+    If Redis does not answer, they run unmarked (a death then charges nothing for them) rather than
+    wait: left held and never run they would fill the window, and settling waits for Redis anyway."""
 
     def __init__(self, broker: Broker, metrics: Metrics) -> None:
         self._broker = broker
@@ -114,5 +115,5 @@ class Marks:
                 await self._broker.mark(running=deliveries, waiting=waiting)
                 self._metrics.mark.observe(time.perf_counter() - started)
             except BrokerError as exc:
-                logger.debug("could not mark a batch running: %s", exc)
+                logger.debug("could not mark %d entries running: %s", len(deliveries), exc)
                 self._waiting = waiting + self._waiting
