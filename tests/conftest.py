@@ -13,6 +13,7 @@ from tests.support.corpus import sample_photos
 from tests.support.redis_server import RedisServer
 from tests.support.workers import REPO, worker_env
 from worker.core.buckets import ModelSpec, load_model_spec
+from worker.core.protocol import IMAGE_KEY_INFIX, Keys
 from worker.core.settings import DEFAULT_SPEC, Settings
 
 #: quick leases and retries, so fault tests run in seconds
@@ -83,4 +84,12 @@ def settings_for(redis_url: str, **sections: Any) -> Settings:
     return Settings.load(redis=redis_section, backend=backend, metrics=metrics, **sections)
 
 
-__all__ = ["REPO", "RedisServer", "settings_for", "worker_env"]
+def all_settled(client: redis.Redis) -> bool:
+    """Every stream of the default layout empty, nothing pending, and no image left beside an
+    entry: what a settled queue leaves in Redis."""
+    keys = Keys()
+    streams_done = all(client.xlen(s) == 0 and client.xpending(s, "workers")["pending"] == 0 for s in keys.streams)
+    return streams_done and not client.keys(f"{keys.prefix}*{IMAGE_KEY_INFIX}*")
+
+
+__all__ = ["REPO", "RedisServer", "all_settled", "settings_for", "worker_env"]

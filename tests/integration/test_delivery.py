@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import redis
 
+from tests.conftest import all_settled
 from tests.support.faulty import POISON_BGR
 from tests.support.redis_server import RedisServer
 from tests.support.workers import WorkerProcess, worker_env
@@ -35,12 +36,6 @@ def _results(client: redis.Redis, job_ids: list[str]) -> dict[str, dict]:  # typ
         if raw is not None:
             out[job_id] = json.loads(raw)  # type: ignore[arg-type]
     return out
-
-
-def _assert_streams_settled(client: redis.Redis) -> None:
-    for stream in KEYS.streams:
-        assert client.xlen(stream) == 0
-        assert client.xpending(stream, "workers")["pending"] == 0
 
 
 def test_kill_9_mid_batch_loses_no_job(redis_url: str, redis_client: redis.Redis, photos: list[Path]) -> None:
@@ -70,7 +65,7 @@ def test_kill_9_mid_batch_loses_no_job(redis_url: str, redis_client: redis.Redis
     redelivered = [r for r in results.values() if r["result"]["deliveries"] == 2]
     assert redelivered, "jobs the dead worker held must have been reclaimed"
     assert "claimed" in second.log
-    _assert_streams_settled(redis_client)
+    assert all_settled(redis_client)
 
 
 def test_a_job_that_always_fails_is_dead_lettered_after_max_deliveries(
@@ -98,7 +93,7 @@ def test_a_job_that_always_fails_is_dead_lettered_after_max_deliveries(
     assert entry["job_id"] == b"poison-1" and entry["deliveries"] == b"3" and entry["code"] == b"max_deliveries"
     assert entry["job.image"] == poison  # the original job travels with it, ready to replay
     assert worker.log.count("job poison-1 failed") == 3
-    _assert_streams_settled(redis_client)
+    assert all_settled(redis_client)
 
 
 def test_sigterm_drains_in_flight_work_without_redelivery(
@@ -124,7 +119,7 @@ def test_sigterm_drains_in_flight_work_without_redelivery(
     results = _results(redis_client, job_ids)
     assert len(results) == len(job_ids)
     assert all(r["result"]["deliveries"] == 1 for r in results.values())
-    _assert_streams_settled(redis_client)
+    assert all_settled(redis_client)
 
 
 def test_a_stop_hands_back_what_no_lane_started_and_exits_within_seconds(
@@ -157,7 +152,7 @@ def test_a_stop_hands_back_what_no_lane_started_and_exits_within_seconds(
     results = _results(redis_client, job_ids)
     assert len(results) == len(job_ids)
     assert all(r["result"]["deliveries"] == 1 and r["result"]["attempts"] == 1 for r in results.values())
-    _assert_streams_settled(redis_client)
+    assert all_settled(redis_client)
 
 
 def test_duplicate_job_ids_run_once_and_late_jobs_expire(

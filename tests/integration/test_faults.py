@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import redis
 
-from tests.conftest import FAST_LEASE_ENV, REPO, worker_env
+from tests.conftest import FAST_LEASE_ENV, REPO, all_settled, worker_env
 from tests.support.faulty import POISON_BGR
 from tests.support.redis_server import RedisServer
 from tests.support.workers import WorkerProcess
@@ -57,10 +57,6 @@ def _wait_for(predicate: Any, timeout_s: float, what: str) -> None:
 def _consumer(worker: WorkerProcess) -> str:
     _wait_for(lambda: " consumer " in worker.log, 30, "the worker's consumer name")
     return worker.consumer
-
-
-def _settled(client: redis.Redis) -> bool:
-    return all(client.xlen(s) == 0 and client.xpending(s, "workers")["pending"] == 0 for s in KEYS.streams)
 
 
 def test_a_kill_loop_loses_nothing_and_charges_only_jobs_run_alone(
@@ -125,7 +121,7 @@ def test_a_kill_loop_loses_nothing_and_charges_only_jobs_run_alone(
     assert sum(a - 1 for a in attempts) <= len(dead), figure  # a death charges at most the one job run alone
     assert all(redis_client.llen(KEYS.done(j)) == 1 for j in job_ids), "one result notification each"
     assert slowest <= 2 + 5, figure
-    _wait_for(lambda: _settled(redis_client), 10, "nothing left pending")
+    _wait_for(lambda: all_settled(redis_client), 10, "nothing left pending")
 
 
 def test_a_job_that_kills_every_worker_is_dead_lettered_alone(
@@ -402,7 +398,7 @@ def test_hostile_stream_entries_get_one_result_each_and_never_wedge(
         assert code == expected_codes.get(name, "invalid_job"), figure
     assert {results[f"wedge-{i}"].code for i in range(256)} == {"invalid_job"}
     assert all(results[j].status == "ok" for j in good)
-    assert _settled(redis_client)
+    assert all_settled(redis_client)
 
 
 def _peak_rss_mib(pid: int) -> float:

@@ -15,7 +15,7 @@ import redis
 import redis.asyncio as aioredis
 
 import worker.client
-from tests.conftest import settings_for
+from tests.conftest import all_settled, settings_for
 from tests.support.faulty import POISON_BGR, FaultyFakeBackend
 from tests.support.inprocess import serving
 from tests.support.redis_server import RedisServer
@@ -36,10 +36,6 @@ POISON = cv2.imencode(".png", np.full((96, 64, 3), POISON_BGR, np.uint8))[1].tob
 def _doc(client: redis.Redis, job_id: str) -> dict[str, Any] | None:
     raw = client.hget(KEYS.result(job_id), "json")
     return None if raw is None else json.loads(raw)  # type: ignore[arg-type]
-
-
-def _settled(client: redis.Redis) -> bool:
-    return all(client.xlen(s) == 0 and client.xpending(s, "workers")["pending"] == 0 for s in KEYS.streams)
 
 
 def _faulty(settings: Settings, spec: ModelSpec, onnx_path: Path, mode: str) -> FaultyFakeBackend:
@@ -64,7 +60,7 @@ async def test_every_job_answered_once_in_shared_batches(redis_url: str, photos:
     timings = results[ids[0]].result["timings_ms"]
     assert {"queue", "decode_wait", "decode", "batch_wait", "inference", "postprocess", "total"} <= set(timings)
     sync = redis.Redis.from_url(redis_url)
-    assert _settled(sync)
+    assert all_settled(sync)
     assert all(sync.llen(KEYS.done(j)) == 0 for j in ids)  # the waiter took each job's one notification
 
 
@@ -114,7 +110,7 @@ async def test_a_failing_job_fails_alone_and_the_worker_keeps_serving(
         assert "gave up after 2 failed attempts; last error: backend_error: a transient failure" in results[bad].message
         dead = redis.Redis.from_url(redis_url).xrange(KEYS.dead_letter())
         assert len(dead) == 1 and dead[0][1][b"job_id"] == b"poison" and dead[0][1][b"attempts"] == b"2"
-    assert _settled(redis.Redis.from_url(redis_url))
+    assert all_settled(redis.Redis.from_url(redis_url))
 
 
 async def test_a_postprocessing_bug_fails_that_job_only(
@@ -219,6 +215,28 @@ async def test_ids_that_are_not_utf8_or_too_long_answer_under_the_entry_id(redis
     assert not raw.keys(KEYS.result("job-*")) and not raw.keys(KEYS.result("x" * 200))  # no altered id anywhere
 
 
+async def test_images_wait_beside_their_entries_and_go_with_them(redis_url: str, photos: list[Path]) -> None:
+    """The enqueue script keeps each image out of its entry (the worker's read never copies it
+    through Lua) in a key named after the entry; settling deletes it. An entry whose image is gone
+    is answered as an invalid job, and the others run."""
+    raw = redis.Redis.from_url(redis_url)
+    stream = KEYS.stream(DEFAULT_PRIORITY)
+    async with AsyncClient(redis_url) as client:
+        ids = await client.submit_many(photos[:6])
+        entries = raw.xrange(stream)
+        assert [fields[b"id"].decode() for _, fields in entries] == ids
+        assert all(b"image" not in fields for _, fields in entries)
+        assert [raw.get(KEYS.image(stream, e.decode())) for e, _ in entries] == [p.read_bytes() for p in photos[:6]]
+        raw.delete(KEYS.image(stream, entries[2][0].decode()))
+        async with serving(settings_for(redis_url)) as running:
+            results = await client.wait_many(ids, timeout_s=60)
+            await running.stop()
+    assert results[ids[2]].code == "invalid_job"
+    assert "no image is stored beside the entry" in results[ids[2]].message
+    assert all(results[j].status == "ok" for j in ids if j != ids[2])
+    assert all_settled(raw)
+
+
 async def test_raw_xadd_duplicates_run_twice_and_the_first_settled_result_stays(redis_url: str) -> None:
     """Producers that bypass the enqueue script can add an id twice: one result, one notification."""
     raw = redis.Redis.from_url(redis_url)
@@ -229,14 +247,14 @@ async def test_raw_xadd_duplicates_run_twice_and_the_first_settled_result_stays(
     raw.xadd(stream, {"v": 1, "id": "twice", "image": small})
     async with serving(settings_for(redis_url)) as running:
         deadline = time.monotonic() + 30
-        while not _settled(raw) and time.monotonic() < deadline:
+        while not all_settled(raw) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         await running.stop()
     doc = _doc(raw, "twice")
     assert doc is not None and doc["status"] == "ok"
     assert doc["result"]["image"]["height"] in (96, 40)  # whichever settled first
     assert raw.llen(KEYS.done("twice")) == 1
-    assert _settled(raw)
+    assert all_settled(raw)
 
 
 @pytest.mark.parametrize("max_inflight", [None, 6])
@@ -383,7 +401,7 @@ async def test_settling_rides_out_a_redis_restart(
             results = await client.wait_many(ids, timeout_s=60)
             await running.stop()
         assert all(r.status == "ok" for r in results.values())
-        assert _settled(server.client())
+        assert all_settled(server.client())
     finally:
         server.stop()
 
@@ -424,5 +442,5 @@ async def test_a_burst_worker_ends_even_when_a_redis_call_loses_its_cancellation
     finally:
         await broker.aclose()
         backend.close()
-    assert _settled(redis.Redis.from_url(redis_url))
+    assert all_settled(redis.Redis.from_url(redis_url))
     assert all(_doc(redis.Redis.from_url(redis_url), j)["status"] == "ok" for j in ids)  # type: ignore[index]

@@ -60,6 +60,10 @@ class GroupStats:
     pending: int
 
 
+#: (stream, entry id, fields) of entries read
+Entries = list[tuple[str, str, dict[bytes, bytes]]]
+
+
 def _group_lost(exc: ResponseError) -> bool:
     """True when Redis lost the stream or group, e.g. after a restart without persistence."""
     message = str(exc)
@@ -180,24 +184,42 @@ class Broker:
         running = [self.keys.running(stream, self.consumer) for stream in streams]
         args = [self.settings.group, self.consumer, count, nbytes, largest]
         reply = await self._unless_group_lost("read", self._read(keys=[*streams, *running], args=args))
-        return [
-            Delivery(_text(stream), _text(entry_id), dict(zip(fields[::2], fields[1::2], strict=True)), 1)
-            for stream, entries in reply or []
-            for entry_id, fields in entries
+        entries = [
+            (_text(stream), _text(entry_id), dict(zip(fields[::2], fields[1::2], strict=True)))
+            for stream, stream_entries in reply or []
+            for entry_id, fields in stream_entries
             if fields
         ]
+        return [Delivery(stream, entry_id, fields, 1) for stream, entry_id, fields in await self._with_images(entries)]
 
     async def _read_group(self, streams: dict[Any, Any], count: int, block_ms: int | None) -> list[Delivery]:
+        """A plain XREADGROUP of streams of one shard."""
         reply = await self._unless_group_lost(
             "read", self.redis.xreadgroup(self.settings.group, self.consumer, streams, count, block_ms)
         )
         entries_by_stream: Any = reply or []  # RESP2: [[stream, [(entry id, fields), ...]], ...]
-        return [
-            Delivery(_text(stream), _text(entry_id), fields, 1)
-            for stream, entries in entries_by_stream
-            for entry_id, fields in entries
+        entries = [
+            (_text(stream), _text(entry_id), fields)
+            for stream, stream_entries in entries_by_stream
+            for entry_id, fields in stream_entries
             if fields is not None
         ]
+        return [Delivery(stream, entry_id, fields, 1) for stream, entry_id, fields in await self._with_images(entries)]
+
+    async def _with_images(self, entries: Entries) -> Entries:
+        """The entries (of one shard: one hash slot), each with its image among its fields: those
+        whose image is stored beside them get it with one MGET. An entry whose image is gone keeps
+        none (it fails as an invalid job)."""
+        beside = [i for i, (_, _, fields) in enumerate(entries) if b"image" not in fields]
+        if not beside:
+            return entries
+        images = await self._call(
+            "image fetch", self.redis.mget([self.keys.image(entries[i][0], entries[i][1]) for i in beside])
+        )
+        for i, image in zip(beside, images, strict=True):
+            if image is not None:
+                entries[i][2][b"image"] = image
+        return entries
 
     async def _pipelined(self, queue: Any, raise_on_error: bool = True) -> list[Any]:
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -318,10 +340,12 @@ class Broker:
         )
         live = [(_text(entry_id), fields) for entry_id, fields in entries if fields]
         gone = [_text(entry_id) for entry_id, fields in entries if not fields]
-        if gone:  # the entries' payloads were deleted by hand: nothing to run
+        if gone:  # the entries' payloads were deleted by hand: nothing to run, nor to keep their images for
             await self._call("xack", self.redis.xack(stream, self.settings.group, *gone))
+            await self._call("image delete", self.redis.delete(*(self.keys.image(stream, e) for e in gone)))
         if not live:
             return []
+        live = [(entry, fields) for _, entry, fields in await self._with_images([(stream, e, f) for e, f in live])]
         counts_by_entry = await self._call(
             "charge",
             self._charge(
