@@ -102,6 +102,24 @@ SETTLE_SCRIPT = (
     _WORKER_SCRIPT
     + """
 local ttl, group, maxlen, a, written, foreign = ARGV[1], ARGV[2], ARGV[3], 4, 0, {}
+-- per stream, what is acknowledged and deleted: one call per stream and command, not per job
+local streams, order = {}, {}
+local function forget(k, entry)
+  local s = streams[KEYS[k]]
+  if not s then
+    s = {attempts = KEYS[k + 3], running = KEYS[k + 4], ids = {}, images = {}, fields = {}}
+    streams[KEYS[k]] = s
+    order[#order + 1] = KEYS[k]
+  end
+  s.ids[#s.ids + 1] = entry
+  s.images[#s.images + 1] = KEYS[k] .. ':image:' .. entry
+  s.fields[#s.fields + 1] = entry
+  s.fields[#s.fields + 1] = entry .. ':error'
+  s.fields[#s.fields + 1] = entry .. ':deaths'
+end
+local function each_chunk(items, call)  -- unpack passes a few thousand values at most
+  for first = 1, #items, 999 do call(unpack(items, first, math.min(first + 998, #items))) end
+end
 for k = 1, #KEYS, 6 do
   local entry, status, d = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
   a = a + 3
@@ -127,12 +145,16 @@ for k = 1, #KEYS, 6 do
       'message', 'the result key holds a ' .. kind .. ' that is not a result: left as it is, no result stored')
     foreign[#foreign + 1] = (k + 5) / 6
   end
-  redis.call('XACK', KEYS[k], group, entry)
-  redis.call('XDEL', KEYS[k], entry)
-  redis.call('DEL', KEYS[k] .. ':image:' .. entry)
-  redis.call('HDEL', KEYS[k + 3], entry, entry .. ':error', entry .. ':deaths')
-  redis.call('HDEL', KEYS[k + 4], entry)
+  forget(k, entry)
   a = a + 2 * n
+end
+for _, stream in ipairs(order) do
+  local s = streams[stream]
+  each_chunk(s.ids, function(...) redis.call('XACK', stream, group, ...) end)
+  each_chunk(s.ids, function(...) redis.call('XDEL', stream, ...) end)
+  each_chunk(s.images, function(...) redis.call('DEL', ...) end)
+  each_chunk(s.fields, function(...) redis.call('HDEL', s.attempts, ...) end)
+  each_chunk(s.ids, function(...) redis.call('HDEL', s.running, ...) end)
 end
 return {written, foreign}
 """
