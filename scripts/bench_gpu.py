@@ -278,15 +278,23 @@ def measure(args: argparse.Namespace) -> int:
         )
     best = max(sweep, key=lambda p: sweep[p]["img_s"])
     results["sweep"] = {p: {k: v for k, v in r.items() if k != "batch_mix"} for p, r in sweep.items()}
+
+    def save() -> None:
+        """After each stage: a run cut short (a device call's time limit) keeps what it measured."""
+        args.out.write_text(json.dumps(results, indent=1))
+
+    save()
     uniform_runs = [
         sweep[best],
         *(worker_run(uniform, best, worker_env, cluster=args.cluster) for _ in range(args.repeat - 1)),
     ]
     results["uniform"] = repeated(uniform_runs, "uniform")
+    save()
     mixed = mixed_corpus(args.jobs // 2)  # a steady window over 10 s at the mixed corpus's rate
     results["mixed"] = repeated(
         [worker_run(mixed, best, worker_env, cluster=args.cluster) for _ in range(args.repeat)], "mixed"
     )
+    save()
     backend = open_engine(settings, spec, max(counts))
     try:
         mix = [(b, n, h, w) for b, n, h, w, count in results["mixed"]["batch_mix"] for _ in range(int(count))]
@@ -295,7 +303,7 @@ def measure(args: argparse.Namespace) -> int:
     finally:
         backend.close()
     results["boxes"] = sample_boxes(settings, spec)
-    args.out.write_text(json.dumps(results, indent=1))
+    save()
     print(f"written {args.out}", flush=True)
     return 0
 
