@@ -89,6 +89,15 @@ return out
 #: marking and charging are what lets it go on.
 _WORKER_SCRIPT = "#!lua flags=allow-oom\n"
 
+#: A Lua helper for scripts that pass many values to one command: unpack passes a few thousand at
+#: most, so ``each_chunk(items, call)`` calls ``call`` with 1,000 at a time (an even count: HSET's
+#: field/value pairs stay whole).
+_EACH_CHUNK = """
+local function each_chunk(items, call)
+  for first = 1, #items, 1000 do call(unpack(items, first, math.min(first + 999, #items))) end
+end
+"""
+
 #: Stores results and acknowledges, atomically, for a batch of jobs of one shard (one hash slot).
 #: KEYS, six per job: stream, result hash, done list, attempts hash, running hash, dead-letter stream.
 #: ARGV: result ttl, group, dead-letter maxlen, then per job: entry id, status, dead-letter field
@@ -100,6 +109,7 @@ _WORKER_SCRIPT = "#!lua flags=allow-oom\n"
 #: 1) of the jobs dead-lettered for a foreign key]}.
 SETTLE_SCRIPT = (
     _WORKER_SCRIPT
+    + _EACH_CHUNK
     + """
 local ttl, group, maxlen, a, written, foreign = ARGV[1], ARGV[2], ARGV[3], 4, 0, {}
 -- per stream, what is acknowledged and deleted: one call per stream and command, not per job
@@ -116,9 +126,6 @@ local function forget(k, entry)
   s.fields[#s.fields + 1] = entry
   s.fields[#s.fields + 1] = entry .. ':error'
   s.fields[#s.fields + 1] = entry .. ':deaths'
-end
-local function each_chunk(items, call)  -- unpack passes a few thousand values at most
-  for first = 1, #items, 999 do call(unpack(items, first, math.min(first + 998, #items))) end
 end
 for k = 1, #KEYS, 6 do
   local entry, status, d = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
@@ -277,6 +284,7 @@ return out
 #: the images beside entries stay where they are (``STRLEN`` counts them), for the caller to fetch.
 READ_SCRIPT = (
     _WORKER_SCRIPT
+    + _EACH_CHUNK
     + """
 local out, left, n = {}, tonumber(ARGV[3]), #KEYS / 2
 local bytes, largest = tonumber(ARGV[4]), tonumber(ARGV[5])
@@ -290,17 +298,13 @@ for i = 1, n do
     for _, entry in ipairs(reply[1][2]) do
       marks[#marks + 1] = entry[1]
       marks[#marks + 1] = 'batched'
-      if #marks >= 1000 then  -- one HSET per 500 entries: within what unpack may pass
-        redis.call('HSET', KEYS[n + i], unpack(marks))
-        marks = {}
-      end
       for _, value in ipairs(entry[2] or {}) do bytes = bytes - #value end
       bytes = bytes - redis.call('STRLEN', KEYS[i] .. ':image:' .. entry[1])
       table.insert(entries, entry)
     end
     left = left - #reply[1][2]
   end
-  if #marks > 0 then redis.call('HSET', KEYS[n + i], unpack(marks)) end
+  each_chunk(marks, function(...) redis.call('HSET', KEYS[n + i], ...) end)
   if #entries > 0 then table.insert(out, {KEYS[i], entries}) end
 end
 return out

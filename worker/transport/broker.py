@@ -190,7 +190,8 @@ class Broker:
             for entry_id, fields in stream_entries
             if fields
         ]
-        return [Delivery(stream, entry_id, fields, 1) for stream, entry_id, fields in await self._with_images(entries)]
+        await self._fetch_images(entries)
+        return [Delivery(stream, entry_id, fields, 1) for stream, entry_id, fields in entries]
 
     async def _read_group(self, streams: dict[Any, Any], count: int, block_ms: int | None) -> list[Delivery]:
         """A plain XREADGROUP of streams of one shard."""
@@ -204,22 +205,22 @@ class Broker:
             for entry_id, fields in stream_entries
             if fields is not None
         ]
-        return [Delivery(stream, entry_id, fields, 1) for stream, entry_id, fields in await self._with_images(entries)]
+        await self._fetch_images(entries)
+        return [Delivery(stream, entry_id, fields, 1) for stream, entry_id, fields in entries]
 
-    async def _with_images(self, entries: Entries) -> Entries:
-        """The entries (of one shard: one hash slot), each with its image among its fields: those
+    async def _fetch_images(self, entries: Entries) -> None:
+        """Put each entry's image among its fields (entries of one shard: one hash slot): those
         whose image is stored beside them get it with one MGET. An entry whose image is gone keeps
         none (it fails as an invalid job)."""
         beside = [i for i, (_, _, fields) in enumerate(entries) if b"image" not in fields]
         if not beside:
-            return entries
+            return
         images = await self._call(
             "image fetch", self.redis.mget([self.keys.image(entries[i][0], entries[i][1]) for i in beside])
         )
         for i, image in zip(beside, images, strict=True):
             if image is not None:
                 entries[i][2][b"image"] = image
-        return entries
 
     async def _pipelined(self, queue: Any, raise_on_error: bool = True) -> list[Any]:
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -345,7 +346,7 @@ class Broker:
             await self._call("image delete", self.redis.delete(*(self.keys.image(stream, e) for e in gone)))
         if not live:
             return []
-        live = [(entry, fields) for _, entry, fields in await self._with_images([(stream, e, f) for e, f in live])]
+        await self._fetch_images([(stream, entry, fields) for entry, fields in live])
         counts_by_entry = await self._call(
             "charge",
             self._charge(
