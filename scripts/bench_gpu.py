@@ -164,6 +164,7 @@ def worker_run(
         "mean_batch": len(images) / max(batches, 1),
         "busy_img_s": run.busy_rate,
         "cores": run.worker_cores,
+        "server_cores": run.server_cores,
         "redis_cores": run.redis_cores,
         "jobs_by_gpu": jobs_by_gpu(run.metrics),
         "processes": processes,
@@ -178,12 +179,16 @@ def worker_run(
 
 
 def histogram_means(metrics: dict[Any, float]) -> dict[str, float]:
-    """Mean of each of the workers' duration histograms, in ms (settle and read round trips...)."""
+    """Mean of each of the workers' duration histograms, in ms (settle and read round trips...),
+    the engine's steps each on its own (``engine_step.execute``...)."""
     sums: dict[str, list[float]] = {}
-    for (name, _), value in metrics.items():
+    for (name, labels), value in metrics.items():
         for suffix, index in (("_seconds_sum", 0), ("_seconds_count", 1)):
             if name.startswith("imgworker_") and name.endswith(suffix):
-                sums.setdefault(name[len("imgworker_") : -len(suffix)], [0.0, 0.0])[index] += value
+                key = name[len("imgworker_") : -len(suffix)]
+                if step := dict(labels).get("step"):
+                    key = f"{key}.{step}"
+                sums.setdefault(key, [0.0, 0.0])[index] += value
     return {name: round(1000 * total / count, 2) for name, (total, count) in sorted(sums.items()) if count}
 
 
@@ -273,7 +278,9 @@ def measure(args: argparse.Namespace) -> int:
         sweep[processes] = run
         print(
             f"worker, uniform, {processes} processes: {run['img_s']:.0f} img/s, p50 {run['p50_ms']:.0f} ms, "
-            f"p99 {run['p99_ms']:.0f} ms, mean batch {run['mean_batch']:.1f}, {run['cores']:.1f} cores",
+            f"p99 {run['p99_ms']:.0f} ms, mean batch {run['mean_batch']:.1f}, {run['cores']:.1f} cores "
+            f"(engine server {run['server_cores']:.1f}), window full {run['window_full_s']:.1f} s per worker; "
+            f"mean ms {run['means_ms']}",
             flush=True,
         )
     best = max(sweep, key=lambda p: sweep[p]["img_s"])

@@ -68,6 +68,8 @@ def test_remote_lanes_run_on_the_engine_server_as_the_backend_would_locally(
                     lane.input(n, h, w)[:] = pixels
                     outputs.append(np.array(lane.run(n, h, w)[engine_output(spec)]))
                 np.testing.assert_array_equal(outputs[0], outputs[1])
+                # the server's wait for a free lane, beside the fake engine's own (simulated) execution
+                assert set(remote.lanes(bucket.id)[1].timings) == {"lane_wait", "execute"}
             lane = remote.lanes(spec.buckets[0].id)[0]
             too_big = spec.buckets[0].max[1] + 32
             with pytest.raises(ShapeOutOfProfileError):
@@ -121,6 +123,12 @@ def test_supervised_workers_share_one_engine_and_a_killed_one_is_restarted(
             subprocess.run(["kill", "-9", str(victim)], check=True)
             results = client.wait_many(ids, timeout_s=120)
         assert all(r.status == "ok" for r in results.values())
+        lane_waits = sum(
+            value
+            for (name, labels), value in supervisor.metrics().items()
+            if name == "imgworker_engine_step_seconds_count" and dict(labels).get("step") == "lane_wait"
+        )
+        assert lane_waits > 0, "the engine server's lane waits reach the workers' metrics"
         deadline = time.monotonic() + 30
         while "worker-1 exited with status -9; restarting" not in supervisor.log and time.monotonic() < deadline:
             time.sleep(0.1)

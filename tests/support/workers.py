@@ -144,6 +144,18 @@ def with_descendants(pids: list[int]) -> list[int]:
     return found
 
 
+def engine_servers(pids: list[int]) -> list[int]:
+    """The engine servers (``serve-engine``) among these processes and their descendants."""
+    found = []
+    for pid in with_descendants(pids):
+        try:
+            if b"serve-engine" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(pid)
+        except OSError:
+            continue
+    return found
+
+
 def worker_env(redis_url: str, **extra: str) -> dict[str, str]:
     """Environment for a worker subprocess: quick leases and retries so fault tests run fast."""
     env = dict(os.environ)
@@ -182,6 +194,8 @@ class Run:
     busy_rate: float
     worker_cores: float
     redis_cores: float
+    #: of ``worker_cores``, what the engine servers (``serve-engine``) used
+    server_cores: float
     #: CPU seconds the redis-server processes spent taking the submissions (before any worker started)
     redis_submit_core_s: float
 
@@ -272,10 +286,12 @@ def run_jobs(
             worker_cpu = CpuSampler([w.process.pid for w in processes])
             for worker in processes:
                 worker.wait_ready(900)
+            server_cpu = CpuSampler(engine_servers([w.process.pid for w in processes]))
             deadline = time.monotonic() + timeout_s
             wait_until_settled(client_settings(env), deadline)
             results = client.gather(ids, timeout_s=max(deadline - time.monotonic(), 1.0))
             worker_cpu.stop()
+            server_cpu.stop()
             if redis_cpu:
                 redis_cpu.stop()
             logs = "\n".join(w.log[-2000:] for w in processes)
@@ -302,6 +318,7 @@ def run_jobs(
         busy_rate=_busy_rate([r.result for r in ordered if r.status == "ok"]),
         worker_cores=(worker_cpu.at(high) - worker_cpu.at(low)) / window,
         redis_cores=(redis_cpu.at(high) - redis_cpu.at(low)) / window if redis_cpu else 0.0,
+        server_cores=(server_cpu.at(high) - server_cpu.at(low)) / window,
         redis_submit_core_s=redis_cpu.at(submit_ended) - redis_cpu.at(submit_started) if redis_cpu else 0.0,
     )
 

@@ -75,6 +75,8 @@ class Lane(abc.ABC):
         self.spec = spec
         #: slots of the last run whose JPEG the device could not decode
         self.undecodable: set[int] = set()
+        #: seconds of each step of the last run, where the backend times them (``engine_step_seconds``)
+        self.timings: dict[str, float] = {}
 
     def _check(self, n: int, height: int, width: int) -> None:
         if not self.bucket.contains(n, height, width):

@@ -151,9 +151,12 @@ class EngineServer:
             (slot, block.buffer[slot * slot_bytes : slot * slot_bytes + length], height, width)
             for slot, length, height, width in jpegs
         ]
+        asked = time.perf_counter()
         lane = self._free[bucket.id].get()
+        lane_wait = time.perf_counter() - asked
         try:
-            return ("ok", lane.run_block(block, n, h, w, compressed), sorted(lane.undecodable))
+            shapes = lane.run_block(block, n, h, w, compressed)
+            return ("ok", shapes, sorted(lane.undecodable), {"lane_wait": lane_wait, **lane.timings})
         except WorkerError as exc:
             return ("error", type(exc).__name__, str(exc), not self.backend.healthy)
         except Exception as exc:
@@ -216,6 +219,7 @@ class RemoteLane(Lane):
                 self._backend.healthy = False
             raise _ERRORS.get(kind, BackendError)(f"engine server: {message}")
         self.undecodable = set(reply[2])
+        self.timings = reply[3]
         return {
             name: np.ndarray(shape, self._outputs[name][0], buffer=self._shm.buf, offset=self._outputs[name][1])
             for name, shape in reply[1].items()

@@ -69,6 +69,12 @@ class Metrics:
         )
         self.batch_wait = hist("batch_wait_seconds", "Time a job waited in its bucket's batcher", ("bucket",))
         self.inference = hist("inference_seconds", "One batch on its lane: assembly, copies and execution", ("bucket",))
+        self.engine_step = hist(
+            "engine_step_seconds",
+            "One batch's steps inside the engine, where the backend times them: lane_wait (for a free lane "
+            "of the engine server), inputs (copies in, GPU decoding), context_wait, execute, outputs",
+            ("bucket", "step"),
+        )
         self.postprocess = hist("postprocess_seconds", "Boxes and result documents of one batch", ("bucket",))
         self.settle = hist("settle_seconds", "One settle round trip to Redis (results stored and acked)")
         self.read = hist("read_seconds", "One read from the streams (a blocking wait on an empty queue included)")

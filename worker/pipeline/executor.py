@@ -142,7 +142,7 @@ class BucketExecutor:
             return done
         started = time.perf_counter()
         try:
-            outputs, waste = await self._on_lane_thread(self._run_on_lane, lane, live)
+            outputs, waste, steps = await self._on_lane_thread(self._run_on_lane, lane, live)
         except Exception as exc:
             return done + await self._failed(lane, live, exc)
         infer_s = time.perf_counter() - started
@@ -150,6 +150,8 @@ class BucketExecutor:
         self._batch_size.observe(len(live))
         self._batch_fill.observe(len(live) / self.bucket.max_batch)
         self._padding_waste.observe(waste)
+        for step, seconds in steps.items():
+            self.metrics.engine_step.labels(bucket=self.bucket.id, step=step).observe(seconds)
         for job, out in zip(live, outputs, strict=True):
             if out is None:
                 done.append(job.failure(DecodeError.code, "JPEG could not be decoded (corrupt data)"))
@@ -158,10 +160,12 @@ class BucketExecutor:
             done.append(Inferred(job, out, len(live)))
         return done
 
-    def _run_on_lane(self, lane: Lane, jobs: list[Job]) -> tuple[list[dict[str, npt.NDArray[Any]] | None], float]:
+    def _run_on_lane(
+        self, lane: Lane, jobs: list[Job]
+    ) -> tuple[list[dict[str, npt.NDArray[Any]] | None], float, dict[str, float]]:
         """On the lane's thread: pixels straight into the lane's buffer (JPEGs to the device, which
         decodes them into their slots), run, copy out valid regions; None for a JPEG the device
-        could not decode."""
+        could not decode. With the padding's share and the engine's own step timings."""
         height, width = jobs[0].padded_shape
         n = len(jobs)
         waste = assemble(lane.input(n, height, width), [job.prepared.slot for job in jobs], self._pad)
@@ -177,7 +181,7 @@ class BucketExecutor:
             h, w = job.prepared.height, job.prepared.width
             wanted = outputs.items() if job.request.want_tensors else [(self._output, outputs[self._output])]
             crops.append({name: out[i, ..., :h, :w].copy() for name, out in wanted})
-        return crops, waste
+        return crops, waste, dict(lane.timings)
 
     async def _failed(self, lane: Lane, jobs: list[Job], exc: Exception) -> list[Inferred | Outcome]:
         if not self.backend.healthy:
