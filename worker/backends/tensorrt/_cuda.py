@@ -118,6 +118,23 @@ class Stream:
         ck(cu.cuStreamDestroy(self.handle), "cuStreamDestroy")
 
 
+class Event:
+    """A point in a stream's work that a host thread sleeps on until the GPU reaches it."""
+
+    def __init__(self) -> None:
+        flags = cu.CUevent_flags.CU_EVENT_BLOCKING_SYNC | cu.CUevent_flags.CU_EVENT_DISABLE_TIMING
+        self.handle = ck(cu.cuEventCreate(int(flags)), "cuEventCreate")
+
+    def record(self, stream: Stream) -> None:
+        ck(cu.cuEventRecord(self.handle, stream.handle), "cuEventRecord")
+
+    def synchronize(self) -> None:
+        ck(cu.cuEventSynchronize(self.handle), "cuEventSynchronize")
+
+    def destroy(self) -> None:
+        ck(cu.cuEventDestroy(self.handle), "cuEventDestroy")
+
+
 class DeviceBuffer:
     def __init__(self, nbytes: int) -> None:
         self.nbytes = nbytes

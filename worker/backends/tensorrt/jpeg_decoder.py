@@ -3,8 +3,8 @@
 JPEG decoding was most of a worker's CPU per image; the GPU's hardware JPEG engines decode the same
 images for a twentieth of the CPU. Each lane has a decoder of its own (the hardware backend first,
 the CUDA one behind it for what the engines refuse) that works on the lane's stream: lanes decode
-at the same time, as they execute at the same time, and the engine waits on the decode in stream
-order, not on the host. Decoded images land in a pool of images the lane owns, allocated once for
+at the same time, and a lane borrows an execution context only once its decode is done, so no
+context waits on one. Decoded images land in a pool of images the lane owns, allocated once for
 its bucket's largest batch and shape, so device memory does not move with traffic; each is copied
 into its slot of the lane's input, padded around it where it does not fill the slot. A JPEG it
 cannot decode fails alone: its slot is reported, the others run. Without nvImageCodec the backend
