@@ -1,7 +1,7 @@
 """A bucket's execution contexts, lent to its lanes for the execution alone.
 
 A context holds TensorRT's activation memory for one batch in flight, the costly part; a lane holds
-what a batch needs before and after (its stream, device and pinned buffers, its JPEG decoder). A
+what a batch needs before and after (its stream, device and pinned buffers). A
 bucket has twice as many lanes as contexts and a lane borrows a context only once its inputs are on
 the device, so one batch copies in and decodes while another executes, and no context waits on a
 JPEG decode. A borrowed context is pointed at the lane's own tensors and given the batch's shape,

@@ -1,9 +1,9 @@
-"""One lane of a bucket: a CUDA stream of its own, device buffers for the profile's max shape, a JPEG
-decoder, and pinned host buffers once it is used in this process; reused batch after batch.
+"""One lane of a bucket: a CUDA stream of its own and device buffers for the profile's max shape
+(pinned host buffers too, once it is used in this process), reused batch after batch.
 
-A run copies the batch's pixels in and decodes its JPEGs on the lane's stream, then borrows one of
-the bucket's execution contexts (``contexts``) only to execute: contexts never wait on a decode. The
-pipeline writes uint8 pixels straight into the pinned input buffer; a worker process's
+A run copies the batch's pixels in on the lane's stream and has the device's JPEG decoder decode its
+JPEGs into their slots, then borrows one of the bucket's execution contexts (``contexts``) only to
+execute: contexts never wait on a copy or a decode. The pipeline writes uint8 pixels straight into the pinned input buffer; a worker process's
 shared-memory block, pinned by the engine server, is copied from and into directly instead. A run
 waits on this lane's stream alone.
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import numpy as np
 
@@ -49,7 +48,7 @@ class TensorRTLane(Lane):
         *,
         device: Device,
         on_sticky: Callable[[], None],
-        nvimgcodec: Any = None,
+        jpeg_decoder: DeviceJpegDecoder | None = None,
     ) -> None:
         super().__init__(bucket, spec)
         self.contexts = contexts
@@ -59,11 +58,8 @@ class TensorRTLane(Lane):
         self.stream = Stream()
         #: reached once the engine has run: the context goes back before the outputs' copies end
         self._executed = Event()
-        self._jpeg = (
-            DeviceJpegDecoder(nvimgcodec, device, self.stream, spec.preprocess.pad_value()[0], bucket.max)
-            if nvimgcodec
-            else None
-        )
+        #: the device's decoder, shared by every lane
+        self._jpeg = jpeg_decoder
         self.decodes_jpeg = self._jpeg is not None
         self.input_tensor = contexts.input_tensor
         self.output_tensors = contexts.output_tensors
@@ -203,7 +199,6 @@ class TensorRTLane(Lane):
     def close(self) -> None:
         self.device.bind()
         self.stream.synchronize()
-        self._jpeg = None  # its images free their memory on this stream: before the stream goes
         for buffer in self.device_buffers.values():
             buffer.free()
         for pinned in self._host_buffers.values():
