@@ -192,6 +192,11 @@ def histogram_means(metrics: dict[Any, float]) -> dict[str, float]:
     return {name: round(1000 * total / count, 2) for name, (total, count) in sorted(sums.items()) if count}
 
 
+def engine_steps(means_ms: dict[str, float]) -> dict[str, float]:
+    """The engine's own steps among the histogram means (lane_wait...), by step."""
+    return {name.split(".", 1)[1]: ms for name, ms in means_ms.items() if name.startswith("engine_step.")}
+
+
 def stage_medians(results: list[Any]) -> dict[str, float]:
     """Median of each step a job's result times (decode, batch wait, inference of its batch...):
     which step grows when a run slows down, without a profiler."""
@@ -325,7 +330,8 @@ def repeated(runs: list[dict[str, Any]], corpus: str) -> dict[str, Any]:
         f"img/s (spread {min(rates):.0f}-{max(rates):.0f}), {median_run['vcpu_ms_per_image']:.2f} vCPU-ms per image "
         f"({min(cpu):.2f}-{max(cpu):.2f}), Redis {median_run['redis_vcpu_ms_per_image']:.2f}, "
         f"p50 {median_run['p50_ms']:.0f} ms, p99 {median_run['p99_ms']:.0f} ms, "
-        f"decode paths {median_run['decode_paths']}",
+        f"decode paths {median_run['decode_paths']}; engine server {median_run['server_cores']:.1f} of "
+        f"{median_run['cores']:.1f} cores; mean ms per batch in the engine {engine_steps(median_run['means_ms'])}",
         flush=True,
     )
     return {**median_run, "runs_img_s": rates, "runs_vcpu_ms_per_image": cpu}
