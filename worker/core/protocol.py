@@ -36,6 +36,10 @@ ENQUEUE_MEMORY_FRACTION = 0.9
 
 #: Between a stream's name and an entry id, the key of the image stored beside that entry.
 IMAGE_KEY_INFIX = ":image:"
+#: The scripts' twin of ``Keys.image``.
+_IMAGE_KEY = f"""
+local function image_key(stream, id) return stream .. '{IMAGE_KEY_INFIX}' .. id end
+"""
 
 #: Adds jobs, each unless its id was seen before. KEYS, two per job: seen key, stream.
 #: ARGV: seen ttl, memory fraction (0: no check), then per job: field count n, n field/value pairs.
@@ -46,7 +50,10 @@ IMAGE_KEY_INFIX = ":image:"
 #: nothing, once Redis holds more than the fraction of its maxmemory, the call's own arguments
 #: counted (an ``OOM`` error naming both figures); the shebang makes Redis itself refuse it
 #: atomically at maxmemory.
-ENQUEUE_SCRIPT = """#!lua
+ENQUEUE_SCRIPT = (
+    "#!lua"
+    + _IMAGE_KEY
+    + """
 local fraction = tonumber(ARGV[2])
 if fraction > 0 then
   local info = redis.call('INFO', 'memory')
@@ -74,7 +81,7 @@ for k = 1, #KEYS, 2 do
       end
     end
     local id = redis.call('XADD', KEYS[k + 1], '*', unpack(fields))
-    if image then redis.call('SET', KEYS[k + 1] .. ':image:' .. id, image) end
+    if image then redis.call('SET', image_key(KEYS[k + 1], id), image) end
     out[#out + 1] = id
   else
     out[#out + 1] = false
@@ -83,6 +90,7 @@ for k = 1, #KEYS, 2 do
 end
 return out
 """
+)
 
 #: The worker's scripts run at maxmemory too (``allow-oom``): settling deletes the entries that
 #: fill Redis, so it is the one thing that must never be refused for lack of memory, and reading,
@@ -109,6 +117,7 @@ end
 #: 1) of the jobs dead-lettered for a foreign key]}.
 SETTLE_SCRIPT = (
     _WORKER_SCRIPT
+    + _IMAGE_KEY
     + _EACH_CHUNK
     + """
 local ttl, group, maxlen, a, written, foreign = ARGV[1], ARGV[2], ARGV[3], 4, 0, {}
@@ -122,7 +131,7 @@ local function forget(k, entry)
     order[#order + 1] = KEYS[k]
   end
   s.ids[#s.ids + 1] = entry
-  s.images[#s.images + 1] = KEYS[k] .. ':image:' .. entry
+  s.images[#s.images + 1] = image_key(KEYS[k], entry)
   s.fields[#s.fields + 1] = entry
   s.fields[#s.fields + 1] = entry .. ':error'
   s.fields[#s.fields + 1] = entry .. ':deaths'
@@ -187,14 +196,15 @@ return 1
 #: how many went back (an entry already settled or deleted has nothing to hand back).
 HAND_BACK_SCRIPT = (
     _WORKER_SCRIPT
+    + _IMAGE_KEY
     + """
 local back = 0
 for i = 2, #ARGV do
   local entry = redis.call('XRANGE', KEYS[1], ARGV[i], ARGV[i])[1]
   if entry then
     local id = redis.call('XADD', KEYS[1], '*', unpack(entry[2]))
-    local image = KEYS[1] .. ':image:' .. ARGV[i]
-    if redis.call('EXISTS', image) == 1 then redis.call('RENAME', image, KEYS[1] .. ':image:' .. id) end
+    local image = image_key(KEYS[1], ARGV[i])
+    if redis.call('EXISTS', image) == 1 then redis.call('RENAME', image, image_key(KEYS[1], id)) end
     back = back + 1
   end
   redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
@@ -284,6 +294,7 @@ return out
 #: the images beside entries stay where they are (``STRLEN`` counts them), for the caller to fetch.
 READ_SCRIPT = (
     _WORKER_SCRIPT
+    + _IMAGE_KEY
     + _EACH_CHUNK
     + """
 local out, left, n = {}, tonumber(ARGV[3]), #KEYS / 2
@@ -299,7 +310,7 @@ for i = 1, n do
       marks[#marks + 1] = entry[1]
       marks[#marks + 1] = 'batched'
       for _, value in ipairs(entry[2] or {}) do bytes = bytes - #value end
-      bytes = bytes - redis.call('STRLEN', KEYS[i] .. ':image:' .. entry[1])
+      bytes = bytes - redis.call('STRLEN', image_key(KEYS[i], entry[1]))
       table.insert(entries, entry)
     end
     left = left - #reply[1][2]
