@@ -79,7 +79,8 @@ def test_every_output_element_is_written(trt_backend: Any, small_spec: ModelSpec
 def test_lanes_running_concurrently_match_serial_runs(
     trt_backend: Any, small_spec: ModelSpec, photos: list[Path]
 ) -> None:
-    """Every lane of every bucket on its own thread and stream, all at once, bit for bit."""
+    """Every lane of every bucket on its own thread and stream, all at once, bit for bit: lanes take
+    turns on their bucket's contexts (twice as many lanes), each pointing a context at its own tensors."""
     output = engine_output(small_spec)
     work = _batches(small_spec, photos)
     serial = [_run(trt_backend.lanes(bucket.id)[0], batch, output) for bucket, batch in work]
@@ -100,7 +101,9 @@ def test_lanes_running_concurrently_match_serial_runs(
         for bucket in small_spec.buckets
         for lane in trt_backend.lanes(bucket.id)
     ]
-    assert len(threads) >= 4  # two buckets, two lanes each by default
+    for bucket in small_spec.buckets:  # two contexts and four lanes per bucket by default
+        lanes = trt_backend.lanes(bucket.id)
+        assert len(lanes) == 2 * len(lanes[0].contexts) >= 4
     for thread in threads:
         thread.start()
     for thread in threads:

@@ -72,7 +72,7 @@ class Metrics:
         self.engine_step = hist(
             "engine_step_seconds",
             "One batch's steps inside the engine, where the backend times them: lane_wait (for a free lane "
-            "of the engine server), execute (the fake backend's simulated engine)",
+            "of the engine server), inputs (copies in, GPU decoding), context_wait, execute, outputs",
             ("bucket", "step"),
         )
         self.postprocess = hist("postprocess_seconds", "Boxes and result documents of one batch", ("bucket",))

@@ -105,7 +105,8 @@ class TensorRTSettings(_Section):
     workspace_mib: Annotated[int, Field(ge=16)] = 4096
     #: names of trt.TacticSource members; None keeps TensorRT's default set
     tactic_sources: tuple[str, ...] | None = None
-    #: execution contexts per bucket: two let one batch's copies overlap another's execution
+    #: execution contexts per bucket, each with two lanes: one batch copies in and decodes while
+    #: another executes
     instances: Annotated[int, Field(ge=1, le=8)] = 2
     device: Annotated[int, Field(ge=0)] = 0
     #: lane threads spin on their stream instead of sleeping until the GPU signals: a few

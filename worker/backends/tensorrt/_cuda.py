@@ -118,6 +118,23 @@ class Stream:
         ck(cu.cuStreamDestroy(self.handle), "cuStreamDestroy")
 
 
+class Event:
+    """A point in a stream's work that a host thread sleeps on until the GPU reaches it."""
+
+    def __init__(self) -> None:
+        flags = cu.CUevent_flags.CU_EVENT_BLOCKING_SYNC | cu.CUevent_flags.CU_EVENT_DISABLE_TIMING
+        self.handle = ck(cu.cuEventCreate(int(flags)), "cuEventCreate")
+
+    def record(self, stream: Stream) -> None:
+        ck(cu.cuEventRecord(self.handle, stream.handle), "cuEventRecord")
+
+    def synchronize(self) -> None:
+        ck(cu.cuEventSynchronize(self.handle), "cuEventSynchronize")
+
+    def destroy(self) -> None:
+        ck(cu.cuEventDestroy(self.handle), "cuEventDestroy")
+
+
 class DeviceBuffer:
     def __init__(self, nbytes: int) -> None:
         self.nbytes = nbytes
@@ -175,6 +192,11 @@ def fill_u8(dst: DeviceBuffer, value: int, count: int, stream: Stream) -> None:
 def fill_at(address: int, value: int, count: int, stream: Stream) -> None:
     """``count`` bytes of ``value`` at a device address (inside a buffer)."""
     ck(cu.cuMemsetD8Async(address, value, count, stream.handle), "cuMemsetD8Async")
+
+
+def copy_d2d(dst_address: int, src_address: int, nbytes: int, stream: Stream) -> None:
+    """Device to device, between addresses inside buffers."""
+    ck(cu.cuMemcpyDtoDAsync(dst_address, src_address, nbytes, stream.handle), "cuMemcpyDtoDAsync")
 
 
 def copy_rows(dst: tuple[int, int], src: tuple[int, int], row_bytes: int, rows: int, stream: Stream) -> None:

@@ -1,4 +1,5 @@
-"""TensorRTBackend: per bucket, ``instances`` lanes (context + stream + buffers), one profile each."""
+"""TensorRTBackend: per bucket, ``instances`` execution contexts on its profile, and twice as many
+lanes (stream, buffers) that borrow them to execute; one JPEG decoder for the device."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from worker.backends.base import Backend, HostBlock, Lane
 from worker.backends.tensorrt._cuda import CudaError, Device, register_host, unregister_host
 from worker.backends.tensorrt._logger import trt_logger
 from worker.backends.tensorrt.build import plan_for
+from worker.backends.tensorrt.contexts import LANES_PER_CONTEXT, BucketContexts
 from worker.backends.tensorrt.engine import check_profiles, deserialize
-from worker.backends.tensorrt.jpeg_decoder import load_nvimgcodec
+from worker.backends.tensorrt.jpeg_decoder import DECODE_BATCH, DeviceJpegDecoder, load_nvimgcodec
 from worker.backends.tensorrt.lane import TensorRTLane
 from worker.core.buckets import BucketSpec
 from worker.core.errors import EngineLoadError
@@ -38,27 +40,42 @@ class TensorRTBackend(Backend):
         codec = load_nvimgcodec(self.device, self.spec.preprocess.pad_value()) if settings.gpu_jpeg else None
         self.nvimgcodec: Any = codec[0] if codec else None
         self._jpeg_decode = codec[1] if codec else "cpu"
+        self.jpeg_decoder = (
+            DeviceJpegDecoder(
+                self.nvimgcodec,
+                self.device,
+                self.spec.preprocess.pad_value()[0],
+                (max(b.max[1] for b in self.spec.buckets), max(b.max[2] for b in self.spec.buckets)),
+                max(DECODE_BATCH, *(b.max_batch for b in self.spec.buckets)),
+            )
+            if codec
+            else None
+        )
+        self._contexts: list[BucketContexts] = []
         logger.info(
-            "TensorRT %s on %s (sm %s): %d buckets x %d contexts, each with its own stream",
+            "TensorRT %s on %s (sm %s): %d buckets x %d contexts, %d lanes each with its own stream",
             trt.__version__,
             self.device.name,
             self.device.compute_capability,
             len(self.spec.buckets),
             settings.instances,
+            settings.instances * LANES_PER_CONTEXT,
         )
 
     def _make_lanes(self, bucket: BucketSpec, profile: int) -> list[Lane]:
+        self.device.bind()
+        contexts = BucketContexts(self.engine, self.spec, bucket, profile, self.settings.tensorrt.instances)
+        self._contexts.append(contexts)
         return [
             TensorRTLane(
-                self.engine,
+                contexts,
                 self.spec,
                 bucket,
-                profile=profile,
                 device=self.device,
                 on_sticky=self._sticky_error,
-                nvimgcodec=self.nvimgcodec,
+                jpeg_decoder=self.jpeg_decoder,
             )
-            for _ in range(self.settings.tensorrt.instances)
+            for _ in range(len(contexts) * LANES_PER_CONTEXT)
         ]
 
     def pin(self, block: HostBlock) -> None:
@@ -86,6 +103,10 @@ class TensorRTBackend(Backend):
         return getattr(self, "_jpeg_decode", "cpu")
 
     def _close(self) -> None:
+        for contexts in self._contexts:
+            contexts.close()
+        if self.jpeg_decoder is not None:
+            self.jpeg_decoder.close()
         del self.engine
         del self.runtime
         self.device.release()

@@ -1,24 +1,27 @@
-"""One execution lane of a bucket: an execution context bound to the bucket's profile, its own CUDA
-stream, device buffers and pinned host buffers sized for the profile's max shape, reused per batch.
+"""One lane of a bucket: a CUDA stream of its own and device buffers for the profile's max shape
+(pinned host buffers too, once it is used in this process), reused batch after batch.
 
-The pipeline writes uint8 pixels straight into the pinned input buffer; a run copies only the
-batch's bytes in and its outputs out, and waits on this lane's stream alone. A worker process's
-shared-memory block, pinned by the engine server, is copied from and into directly instead.
+A run copies the batch's pixels in on the lane's stream and has the device's JPEG decoder decode its
+JPEGs into their slots, then borrows one of the bucket's execution contexts (``contexts``) only to
+execute: contexts never wait on a copy or a decode. The pipeline writes uint8 pixels straight into
+the pinned input buffer; a worker process's shared-memory block, pinned by the engine server, is
+copied from and into directly instead. A run waits on this lane's stream alone.
 """
 
 from __future__ import annotations
 
+import contextlib
+import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import numpy as np
 
 from worker.backends.base import Compressed, HostBlock, Lane, Outputs, Pixels
-from worker.backends.tensorrt import _compat
 from worker.backends.tensorrt._cuda import (
     CudaError,
     Device,
     DeviceBuffer,
+    Event,
     PinnedBuffer,
     Stream,
     copy_to_device,
@@ -26,11 +29,11 @@ from worker.backends.tensorrt._cuda import (
     fill_u8,
 )
 from worker.backends.tensorrt._logger import trt_logger
-from worker.backends.tensorrt.engine import TensorInfo, io_tensors
+from worker.backends.tensorrt.contexts import BucketContexts
+from worker.backends.tensorrt.engine import TensorInfo
 from worker.backends.tensorrt.jpeg_decoder import DeviceJpegDecoder
-from worker.compute.graph import ENGINE_INPUT
 from worker.core.buckets import BucketSpec, ModelSpec
-from worker.core.errors import BackendError, EngineLoadError, ShapeOutOfProfileError
+from worker.core.errors import BackendError
 
 #: where an output goes: its host address, given the output and its shape for this batch
 Destination = Callable[[TensorInfo, tuple[int, ...]], int]
@@ -39,54 +42,38 @@ Destination = Callable[[TensorInfo, tuple[int, ...]], int]
 class TensorRTLane(Lane):
     def __init__(
         self,
-        engine: Any,
+        contexts: BucketContexts,
         spec: ModelSpec,
         bucket: BucketSpec,
         *,
-        profile: int,
         device: Device,
         on_sticky: Callable[[], None],
-        nvimgcodec: Any = None,
+        jpeg_decoder: DeviceJpegDecoder | None = None,
     ) -> None:
         super().__init__(bucket, spec)
-        self.profile = profile
+        self.contexts = contexts
         self.device = device
         self._on_sticky = on_sticky
         device.bind()
-        self.context = _compat.create_context(engine)
-        if self.context is None:
-            raise EngineLoadError(f"cannot create an execution context for bucket {bucket.id} (out of GPU memory?)")
         self.stream = Stream()
-        self._jpeg = (
-            DeviceJpegDecoder(nvimgcodec, device, self.stream, spec.preprocess.pad_value()[0], bucket.max)
-            if nvimgcodec
-            else None
-        )
+        #: reached once the engine has run: the context goes back before the outputs' copies end
+        self._executed = Event()
+        #: the device's decoder, shared by every lane
+        self._jpeg = jpeg_decoder
         self.decodes_jpeg = self._jpeg is not None
-        if not self.context.set_optimization_profile_async(profile, self.stream.address):
-            raise EngineLoadError(f"cannot bind profile {profile} to a context of bucket {bucket.id}")
-        self.stream.synchronize()
-        tensors = io_tensors(engine)
-        self.input_tensor = next(t for t in tensors if t.is_input)
-        if self.input_tensor.name != ENGINE_INPUT or self.input_tensor.dtype != np.uint8:
-            raise EngineLoadError(
-                f"plan input is {self.input_tensor.name} {self.input_tensor.dtype}, expected {ENGINE_INPUT} uint8"
-            )
-        self.output_tensors = [t for t in tensors if not t.is_input]
-        max_shape = spec.engine_input_shapes(bucket)[2]
-        if not self.context.set_input_shape(self.input_tensor.name, max_shape):
-            raise EngineLoadError(f"profile {profile} rejects its own max shape {max_shape}")
-        sizes = {self.input_tensor.name: int(np.prod(max_shape))}
-        for out in self.output_tensors:
-            shape = tuple(self.context.get_tensor_shape(out.name))
-            if min(shape) < 0:
-                raise EngineLoadError(f"output {out.name} has a data-dependent shape {shape}; not supported")
-            sizes[out.name] = int(np.prod(shape)) * out.dtype.itemsize
-        self.device_buffers = {name: DeviceBuffer(n) for name, n in sizes.items()}
-        self.host_buffers = {name: PinnedBuffer(n) for name, n in sizes.items()}
-        for name, buffer in self.device_buffers.items():
-            self.context.set_tensor_address(name, buffer.address)
-        self._shape = max_shape
+        self.input_tensor = contexts.input_tensor
+        self.output_tensors = contexts.output_tensors
+        self.device_buffers = {name: DeviceBuffer(n) for name, n in contexts.sizes.items()}
+        self._addresses = {name: buffer.address for name, buffer in self.device_buffers.items()}
+        #: allocated on first use: an engine server's lanes copy from and into workers' memory instead
+        self._host_buffers: dict[str, PinnedBuffer] = {}
+
+    @property
+    def host_buffers(self) -> dict[str, PinnedBuffer]:
+        if not self._host_buffers:
+            self.device.bind()
+            self._host_buffers = {name: PinnedBuffer(n) for name, n in self.contexts.sizes.items()}
+        return self._host_buffers
 
     def _input(self, n: int, height: int, width: int) -> Pixels:
         view: Pixels = self.host_buffers[self.input_tensor.name].view((n, height, width, self.spec.channels), np.uint8)
@@ -146,36 +133,51 @@ class TensorRTLane(Lane):
         copies: tuple[int, Destination] | None,
         compressed: Sequence[Compressed] = (),
     ) -> None:
-        """Shape → H2D from the source address (the slots the CPU filled) → the device decodes
-        its JPEGs into theirs → execute_async_v3 → D2H to each output's destination, then wait
-        on this lane's stream only. Without ``copies``: execution alone."""
+        """H2D from the source address (the slots the CPU filled) → the device decodes its JPEGs into
+        theirs → wait for both → borrow a context: execute_async_v3 → D2H to each output's
+        destination → give the context back once executed, wait for the copies. Without
+        ``copies``: execution alone. Each step's seconds go to ``timings``."""
         self.device.bind()
+        started = time.perf_counter()
         shape = (n, height, width, self.spec.channels)
-        # TensorRT 8.6's set_input_shape accepts shapes outside the profile: Lane.run checked it first.
-        if shape != self._shape:
-            if not self.context.set_input_shape(self.input_tensor.name, shape):
-                raise ShapeOutOfProfileError(f"TensorRT rejected shape {shape} on profile {self.profile}")
-            self._shape = shape
         input_buffer = self.device_buffers[self.input_tensor.name]
+        self.undecodable = set()
         if copies and len(compressed) < n:
             copy_to_device(input_buffer, copies[0], int(np.prod(shape)), self.stream)
             if compressed:
                 self.stream.synchronize()  # idle before a hardware decode, and the decodes land after the copy
-        self.undecodable = set()
         if compressed and self._jpeg is not None:
             self.undecodable = self._jpeg.decode_into(
                 input_buffer.address, height, width, self.spec.channels, compressed
             )
-        if not self.context.execute_async_v3(self.stream.address):
-            self.stream.synchronize()
-            raise BackendError(f"execute_async_v3 failed on bucket {self.bucket.id}: {trt_logger().last_error}")
-        if copies:
-            _, destination = copies
-            for out in self.output_tensors:
-                out_shape = tuple(self.context.get_tensor_shape(out.name))
-                nbytes = int(np.prod(out_shape)) * out.dtype.itemsize
-                copy_to_host(destination(out, out_shape), self.device_buffers[out.name], nbytes, self.stream)
+        self.stream.synchronize()  # the inputs are in place before a context is taken
+        ready = time.perf_counter()
+        with self.contexts.borrow() as context:
+            borrowed = time.perf_counter()
+            try:
+                context.prepare(self.input_tensor.name, shape, self._addresses, self.contexts.profile)
+                if not context.trt.execute_async_v3(self.stream.address):
+                    raise BackendError(f"execute_async_v3 failed on bucket {self.bucket.id}: {trt_logger().last_error}")
+                self._executed.record(self.stream)
+                if copies:
+                    _, destination = copies
+                    for out in self.output_tensors:
+                        out_shape = tuple(context.trt.get_tensor_shape(out.name))
+                        nbytes = int(np.prod(out_shape)) * out.dtype.itemsize
+                        copy_to_host(destination(out, out_shape), self.device_buffers[out.name], nbytes, self.stream)
+                self._executed.synchronize()
+            except BaseException:
+                with contextlib.suppress(CudaError):  # the context goes back idle, whatever failed
+                    self.stream.synchronize()
+                raise
+        executed = time.perf_counter()
         self.stream.synchronize()
+        self.timings = {
+            "inputs": ready - started,
+            "context_wait": borrowed - ready,
+            "execute": executed - borrowed,
+            "outputs": time.perf_counter() - executed,
+        }
 
     def time_execute(self, n: int, height: int, width: int) -> float:
         """Benchmarks only: GPU milliseconds of one execution (CUDA events), no copies."""
@@ -197,10 +199,9 @@ class TensorRTLane(Lane):
     def close(self) -> None:
         self.device.bind()
         self.stream.synchronize()
-        self._jpeg = None  # its images free their memory on this stream: before the stream goes
         for buffer in self.device_buffers.values():
             buffer.free()
-        for pinned in self.host_buffers.values():
+        for pinned in self._host_buffers.values():
             pinned.free()
+        self._executed.destroy()
         self.stream.destroy()
-        del self.context
