@@ -12,6 +12,9 @@ measure (on the GPU machine, once per precision):
                mixed:   the sample photos as they come; the raw engine then replays the same batch
                         mix (the bucket, shape and size of every batch the worker ran);
   boxes        of a sample of real photos, to compare fp16 with fp32.
+decode-load (on the GPU machine): the device's JPEG decoder alone and while 1, 2, 4, 8 contexts keep
+  the engine busy: how much of the JPEG engines' speed a loaded GPU leaves (driver settings such as
+  CUDA_DEVICE_MAX_CONNECTIONS are compared by running it twice).
 report (anywhere): docs/measurements/report.md with every run's table and ratio, and the plot of
   docs/performance.png (the page users read, docs/performance.md, is written by hand from them).
 
@@ -31,6 +34,7 @@ import statistics
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -340,6 +344,50 @@ def repeated(runs: list[dict[str, Any]], corpus: str) -> dict[str, Any]:
 def uniform_batch_shape(spec: ModelSpec) -> tuple[str, int, int, int]:
     """(bucket, n, h, w) of a full batch of the uniform corpus: the m512 bucket's max batch, no padding."""
     return ("m512", spec.bucket("m512").max[0], UNIFORM_SIZE[1], UNIFORM_SIZE[0])
+
+
+def decode_load(args: argparse.Namespace) -> int:
+    """Images/s of the device's decoder on full batches of the uniform corpus's JPEGs, alone and
+    beside ``loop_lanes`` at each context count: the engine's kernels slow the JPEG engines' batches."""
+    from worker.backends.tensorrt._cuda import DeviceBuffer
+    from worker.backends.tensorrt.jpeg_decoder import DECODE_BATCH
+
+    precision_env(args.precision)
+    settings = Settings.load()
+    spec = load_model_spec(SPEC)
+    bucket, n, height, width = uniform_batch_shape(spec)
+    backend = open_engine(settings, spec, max(args.contexts))
+    target = DeviceBuffer(DECODE_BATCH * height * width * spec.channels)
+    try:
+        if backend.jpeg_decoder is None:
+            print("no GPU JPEG decoder here (see the log above)", flush=True)
+            return 1
+        items = [(slot, data, height, width) for slot, data in enumerate(resized_jpegs(UNIFORM_SIZE, DECODE_BATCH))]
+
+        def decode_img_s(seconds: float) -> float:
+            done, started = 0, time.monotonic()
+            while time.monotonic() - started < seconds:
+                failed = backend.jpeg_decoder.decode_into(target.address, height, width, spec.channels, items)
+                assert not failed, f"slots {sorted(failed)} failed to decode"
+                done += len(items)
+            return done / (time.monotonic() - started)
+
+        batches = real_pixels(settings, spec, [(bucket, n, height, width)] * 8)
+        results: dict[str, Any] = {"precision": args.precision, "alone": decode_img_s(args.seconds), "loaded": {}}
+        print(f"decoder alone, batches of {len(items)}: {results['alone']:.0f} img/s", flush=True)
+        for contexts in args.contexts:
+            with ThreadPoolExecutor(1) as pool:
+                engine_run = pool.submit(loop_lanes, backend, batches, contexts, args.seconds + 1.0)
+                time.sleep(0.5)  # the engine's lanes are busy before the decoder starts
+                decoded = decode_img_s(args.seconds)
+                engine_img_s = engine_run.result()
+            results["loaded"][contexts] = {"decode_img_s": decoded, "engine_img_s": engine_img_s}
+            print(f"decoder beside {contexts} contexts: {decoded:.0f} img/s, engine {engine_img_s:.0f}", flush=True)
+        args.out.write_text(json.dumps(results, indent=1))
+    finally:
+        target.free()
+        backend.close()
+    return 0
 
 
 def raw_child(args: argparse.Namespace) -> int:
@@ -738,6 +786,12 @@ def main() -> int:
         "--cpu-share", action="store_true", help="the one-GPU run gets only its share of the CPUs (cpus / GPUs)"
     )
     g.set_defaults(handler=scale_gpus)
+    d = sub.add_parser("decode-load", help="the GPU's JPEG decoder alone and beside the engine")
+    d.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
+    d.add_argument("--out", type=Path, required=True)
+    d.add_argument("--contexts", type=lambda text: [int(c) for c in text.split(",")], default=[1, 2, 4, 8])
+    d.add_argument("--seconds", type=float, default=3.0, help="of decoding at each context count")
+    d.set_defaults(handler=decode_load)
     c = sub.add_parser("raw-child", help=argparse.SUPPRESS)  # one GPU's engine for `gpus`
     c.add_argument("--precision", choices=("fp32", "fp16"), required=True)
     c.add_argument("--contexts", type=int, required=True)
