@@ -181,15 +181,16 @@ def _jpeg_truncated(data: bytes) -> bool:
 
 
 def _composite_on_white(image: ImageU8) -> ImageU8:
-    """Colour channels blended over white by the last (alpha) channel, in 8-bit integer arithmetic."""
+    """Colour channels blended over white by the last (alpha) channel: round(c * a / 255) + 255 - a,
+    in OpenCV's 8-bit arithmetic, row chunk by row chunk (exact: c * a / 255 is never a half)."""
     height, width, channels = image.shape
     out = np.empty((height, width, channels - 1), np.uint8)
     rows = max(1, _CHUNK_PIXELS // width)
     for top in range(0, height, rows):
-        chunk = image[top : top + rows]
-        color = chunk[..., :-1].astype(np.uint16)
-        alpha = chunk[..., -1:].astype(np.uint16)
-        out[top : top + rows] = (color * alpha + 255 * (255 - alpha) + 127) // 255
+        *colors, alpha = cv2.split(image[top : top + rows])
+        white = cv2.bitwise_not(alpha)  # 255 - a: how much of the white background shows
+        blended = [cv2.add(cv2.multiply(color, alpha, scale=1 / 255), white) for color in colors]
+        out[top : top + rows] = cv2.merge(blended) if len(blended) > 1 else blended[0][..., None]
     return out[..., 0] if channels == 2 else out
 
 
