@@ -174,6 +174,20 @@ def test_compositing_runs_in_bounded_chunks() -> None:
     assert np.array_equal(to_bgr8(image), _over_white(image[..., :3], image[..., 3:]))
 
 
+def test_opaque_rows_keep_their_colours_beside_transparent_ones() -> None:
+    """Chunks with no transparency skip the blend; a chunk with one transparent pixel does not."""
+    rng = np.random.default_rng(5)
+    image = rng.integers(0, 256, (3000, 700, 4), dtype=np.uint8)
+    image[..., 3] = 255
+    image[2500, 3, 3] = 0  # one transparent pixel in the last chunk
+    composited = to_bgr8(image)
+    assert np.array_equal(composited[:2000], image[:2000, :, :3])
+    assert np.array_equal(composited, _over_white(image[..., :3], image[..., 3:]))
+    assert composited[2500, 3].tolist() == [255, 255, 255]
+    gray_alpha = np.dstack([image[..., 0], image[..., 3]])
+    assert np.array_equal(to_bgr8(gray_alpha)[..., 0], _over_white(image[..., 0], image[..., 3]))
+
+
 def test_twelve_bit_samples_scale_by_their_real_depth(edge_dir: Path) -> None:
     """12-bit TIFF, through OpenCV and through the Pillow fallback alike: 4095 is white."""
     twelve = (edge_dir / "12bit.cropped.tif").read_bytes()

@@ -182,14 +182,21 @@ def _jpeg_truncated(data: bytes) -> bool:
 
 def _composite_on_white(image: ImageU8) -> ImageU8:
     """Colour channels blended over white by the last (alpha) channel: round(c * a / 255) + 255 - a,
-    in OpenCV's 8-bit arithmetic, row chunk by row chunk (exact: c * a / 255 is never a half)."""
+    in OpenCV's 8-bit arithmetic, row chunk by row chunk (exact: c * a / 255 is never a half).
+    Opaque chunks keep their colours as they are: most RGBA images have no transparency at all, and
+    the blend was a third of preparing a 13-megapixel one."""
     height, width, channels = image.shape
     out = np.empty((height, width, channels - 1), np.uint8)
     rows = max(1, _CHUNK_PIXELS // width)
     for top in range(0, height, rows):
-        *colors, alpha = cv2.split(image[top : top + rows])
+        chunk = image[top : top + rows]
+        alpha = cv2.extractChannel(chunk, channels - 1)
+        if cv2.minMaxLoc(alpha)[0] == 255:  # OpenCV's copies: a numpy slice copy is ten times slower
+            opaque = cv2.cvtColor(chunk, cv2.COLOR_BGRA2BGR) if channels == 4 else cv2.extractChannel(chunk, 0)
+            out[top : top + rows] = opaque.reshape(out[top : top + rows].shape)
+            continue
         white = cv2.bitwise_not(alpha)  # 255 - a: how much of the white background shows
-        blended = [cv2.add(cv2.multiply(color, alpha, scale=1 / 255), white) for color in colors]
+        blended = [cv2.add(cv2.multiply(color, alpha, scale=1 / 255), white) for color in cv2.split(chunk)[:-1]]
         out[top : top + rows] = cv2.merge(blended) if len(blended) > 1 else blended[0][..., None]
     return out[..., 0] if channels == 2 else out
 
