@@ -189,15 +189,15 @@ def _composite_on_white(image: ImageU8) -> ImageU8:
     out = np.empty((height, width, channels - 1), np.uint8)
     rows = max(1, _CHUNK_PIXELS // width)
     for top in range(0, height, rows):
-        chunk = image[top : top + rows]
+        chunk, target = image[top : top + rows], out[top : top + rows]
         alpha = cv2.extractChannel(chunk, channels - 1)
         if cv2.minMaxLoc(alpha)[0] == 255:  # OpenCV's copies: a numpy slice copy is ten times slower
             opaque = cv2.cvtColor(chunk, cv2.COLOR_BGRA2BGR) if channels == 4 else cv2.extractChannel(chunk, 0)
-            out[top : top + rows] = opaque.reshape(out[top : top + rows].shape)
+            target[:] = opaque.reshape(target.shape)
             continue
         white = cv2.bitwise_not(alpha)  # 255 - a: how much of the white background shows
         blended = [cv2.add(cv2.multiply(color, alpha, scale=1 / 255), white) for color in cv2.split(chunk)[:-1]]
-        out[top : top + rows] = cv2.merge(blended) if len(blended) > 1 else blended[0][..., None]
+        target[:] = cv2.merge(blended) if len(blended) > 1 else blended[0][..., None]
     return out[..., 0] if channels == 2 else out
 
 
