@@ -194,11 +194,6 @@ def fill_at(address: int, value: int, count: int, stream: Stream) -> None:
     ck(cu.cuMemsetD8Async(address, value, count, stream.handle), "cuMemsetD8Async")
 
 
-def copy_d2d(dst_address: int, src_address: int, nbytes: int, stream: Stream) -> None:
-    """Device to device, between addresses inside buffers."""
-    ck(cu.cuMemcpyDtoDAsync(dst_address, src_address, nbytes, stream.handle), "cuMemcpyDtoDAsync")
-
-
 def copy_rows(dst: tuple[int, int], src: tuple[int, int], row_bytes: int, rows: int, stream: Stream) -> None:
     """Device to device, row by row (each side an address and its row pitch): an image into a wider,
     padded slot."""

@@ -23,7 +23,7 @@ import numpy as np
 
 from worker.backends.base import Compressed
 from worker.backends.batching import Coalescer
-from worker.backends.tensorrt._cuda import Device, Stream, copy_d2d, copy_rows, fill_at
+from worker.backends.tensorrt._cuda import Device, Stream, copy_rows, fill_at
 
 logger = logging.getLogger(__name__)
 
@@ -172,10 +172,7 @@ class DeviceJpegDecoder:
                 continue
             interface = image.__cuda_array_interface__
             source_pitch = interface["strides"][0] if interface.get("strides") else w * slot.channels
-            if source_pitch == pitch:  # rows back to back on both sides: one copy
-                copy_d2d(target, interface["data"][0], h * pitch, self._stream)
-            else:
-                copy_rows((target, pitch), (interface["data"][0], source_pitch), w * slot.channels, h, self._stream)
+            copy_rows((target, pitch), (interface["data"][0], source_pitch), w * slot.channels, h, self._stream)
             decoded.append(True)
         self._stream.synchronize()
         return decoded

@@ -144,13 +144,13 @@ class TensorRTLane(Lane):
         self.undecodable = set()
         if copies and len(compressed) < n:
             copy_to_device(input_buffer, copies[0], int(np.prod(shape)), self.stream)
-            if compressed:
-                self.stream.synchronize()  # idle before a hardware decode, and the decodes land after the copy
+        # the copy has landed before the decodes write over its slots and before a context is taken;
+        # the decoder returns once its images are in place
+        self.stream.synchronize()
         if compressed and self._jpeg is not None:
             self.undecodable = self._jpeg.decode_into(
                 input_buffer.address, height, width, self.spec.channels, compressed
             )
-        self.stream.synchronize()  # the inputs are in place before a context is taken
         ready = time.perf_counter()
         with self.contexts.borrow() as context:
             borrowed = time.perf_counter()
