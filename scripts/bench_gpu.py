@@ -373,8 +373,18 @@ def decode_load(args: argparse.Namespace) -> int:
             return done / (time.monotonic() - started)
 
         batches = real_pixels(settings, spec, [(bucket, n, height, width)] * 8)
-        results: dict[str, Any] = {"precision": args.precision, "alone": decode_img_s(args.seconds), "loaded": {}}
-        print(f"decoder alone, batches of {len(items)}: {results['alone']:.0f} img/s", flush=True)
+        results: dict[str, Any] = {
+            "precision": args.precision,
+            "work_queues": os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS", "8 (CUDA's default)"),
+            "engine_aux_streams": getattr(backend.engine, "num_aux_streams", None),
+            "alone": decode_img_s(args.seconds),
+            "loaded": {},
+        }
+        print(
+            f"CUDA_DEVICE_MAX_CONNECTIONS={results['work_queues']}, engine auxiliary streams "
+            f"{results['engine_aux_streams']}; decoder alone, batches of {len(items)}: {results['alone']:.0f} img/s",
+            flush=True,
+        )
         for contexts in args.contexts:
             with ThreadPoolExecutor(1) as pool:
                 engine_run = pool.submit(loop_lanes, backend, batches, contexts, args.seconds + 1.0)
