@@ -12,6 +12,7 @@ measure (on the GPU machine, once per precision):
                mixed:   the sample photos as they come; the raw engine then replays the same batch
                         mix (the bucket, shape and size of every batch the worker ran);
   boxes        of a sample of real photos, to compare fp16 with fp32.
+variants (on the GPU machine): the worker on the uniform corpus under a few environments, in turns.
 decode-load (on the GPU machine): the device's JPEG decoder alone and while 1, 2, 4, 8 contexts keep
   the engine busy: how much of the JPEG engines' speed a loaded GPU leaves (driver settings such as
   CUDA_DEVICE_MAX_CONNECTIONS are compared by running it twice).
@@ -182,6 +183,11 @@ def worker_run(
     }
 
 
+def without_batch_mix(run: dict[str, Any]) -> dict[str, Any]:
+    """A run as saved beside others: its batch mix is only needed to replay the mixed corpus."""
+    return {k: v for k, v in run.items() if k != "batch_mix"}
+
+
 def histogram_means(metrics: dict[Any, float]) -> dict[str, float]:
     """Mean of each of the workers' duration histograms, in ms (settle and read round trips...),
     the engine's steps each on its own (``engine_step.execute``...)."""
@@ -293,7 +299,7 @@ def measure(args: argparse.Namespace) -> int:
             flush=True,
         )
     best = max(sweep, key=lambda p: sweep[p]["img_s"])
-    results["sweep"] = {p: {k: v for k, v in r.items() if k != "batch_mix"} for p, r in sweep.items()}
+    results["sweep"] = {p: without_batch_mix(r) for p, r in sweep.items()}
 
     def save() -> None:
         """After each stage: a run cut short (a device call's time limit) keeps what it measured."""
@@ -397,6 +403,33 @@ def decode_load(args: argparse.Namespace) -> int:
     finally:
         target.free()
         backend.close()
+    return 0
+
+
+def compare_variants(args: argparse.Namespace) -> int:
+    """The worker on the uniform corpus under a few environments (driver settings such as
+    CUDA_DEVICE_MAX_CONNECTIONS, worker settings such as IMGWORKER_BACKEND__TENSORRT__INSTANCES),
+    taken in turn ``--rounds`` times, so that a drift of the machine touches every variant alike."""
+    env = precision_env(args.precision)
+    worker_env = {**env, "IMGWORKER_BACKEND__TENSORRT__INSTANCES": str(args.contexts)}
+    variants = {text: dict(item.split("=", 1) for item in text.split(",")) for text in args.variants}
+    uniform = resized_jpegs(UNIFORM_SIZE, args.jobs)
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
+    for round_ in range(args.rounds):
+        for name, variant in variants.items():
+            run = worker_run(uniform, args.processes, {**worker_env, **variant})
+            runs[name].append(without_batch_mix(run))
+            print(
+                f"round {round_ + 1}, {name}: {run['img_s']:.0f} img/s, {run['vcpu_ms_per_image']:.2f} vCPU-ms per "
+                f"image, p50 {run['p50_ms']:.0f} ms; engine ms per batch {engine_steps(run['means_ms'])}",
+                flush=True,
+            )
+            args.out.write_text(json.dumps({"precision": args.precision, "runs": runs}, indent=1))
+    first = next(iter(variants))
+    base = statistics.median(r["img_s"] for r in runs[first])
+    for name, done in runs.items():
+        rate = statistics.median(r["img_s"] for r in done)
+        print(f"{name}: median {rate:.0f} img/s, {rate / base:.2f} of {first}", flush=True)
     return 0
 
 
@@ -802,6 +835,15 @@ def main() -> int:
     d.add_argument("--contexts", type=lambda text: [int(c) for c in text.split(",")], default=[1, 2, 4, 8])
     d.add_argument("--seconds", type=float, default=3.0, help="of decoding at each context count")
     d.set_defaults(handler=decode_load)
+    v = sub.add_parser("variants", help="the worker on the uniform corpus under a few environments, in turns")
+    v.add_argument("--precision", choices=("fp32", "fp16"), required=True)
+    v.add_argument("--out", type=Path, required=True)
+    v.add_argument("--variants", nargs="+", required=True, metavar="NAME=VALUE[,NAME=VALUE]")
+    v.add_argument("--rounds", type=int, default=2)
+    v.add_argument("--jobs", type=int, default=40000)
+    v.add_argument("--processes", type=int, default=12)
+    v.add_argument("--contexts", type=int, default=8, help="execution contexts per bucket in the engine")
+    v.set_defaults(handler=compare_variants)
     c = sub.add_parser("raw-child", help=argparse.SUPPRESS)  # one GPU's engine for `gpus`
     c.add_argument("--precision", choices=("fp32", "fp16"), required=True)
     c.add_argument("--contexts", type=int, required=True)
