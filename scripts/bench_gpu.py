@@ -381,7 +381,7 @@ def decode_load(args: argparse.Namespace) -> int:
         batches = real_pixels(settings, spec, [(bucket, n, height, width)] * 8)
         results: dict[str, Any] = {
             "precision": args.precision,
-            "work_queues": os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS", "8 (CUDA's default)"),
+            "work_queues": os.environ["CUDA_DEVICE_MAX_CONNECTIONS"],  # set by _cuda unless given
             "engine_aux_streams": getattr(backend.engine, "num_aux_streams", None),
             "alone": decode_img_s(args.seconds),
             "loaded": {},

@@ -22,8 +22,8 @@ except ImportError:  # older cuda-python 12.x
 from worker.core.errors import BackendError, EngineLoadError
 
 # CUDA's default of 8 hardware work queues is shared by every lane's stream and the JPEG decoder's:
-# the decoder beside 8 busy contexts ran at a quarter of its rate with 32 queues (the most) and a
-# sixteenth with 8. Set before this process initialises the driver; an operator's own value wins.
+# beside 8 busy contexts an H100's decoder ran 4,383 images/s with 32 queues (the most) and 1,095
+# with 8. Set before this process initialises the driver; an operator's own value wins.
 os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "32")
 
 logger = logging.getLogger(__name__)
